@@ -1,0 +1,1 @@
+"""Attacks: one per module, each registered next to its code with ``@register_attack``."""

@@ -1,0 +1,227 @@
+"""What every attack shares: the victim it sees, losses, projections onto threat models, and the
+contract of ``Attack.__call__`` (adversarial examples inside the eps-ball and inside [0, 1]).
+
+An attack is one short class (the torchattacks pattern): settings in ``__init__``,
+``generate(victim, x, y)`` returns adversarial images. Everything stays on the input's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BOUND_TOLERANCE = 1e-5
+"""Slack for float rounding when checking that an example is inside its eps-ball and [0, 1]."""
+
+
+@dataclass(frozen=True)
+class Victim:
+    """What an attack may touch. ``model`` is the deployed defense (logits; success is judged on
+    it). ``gradient_model`` is what white-box gradients go through — the defense's declared
+    differentiable approximation for BPDA — and defaults to ``model``. ``surrogate`` is an
+    undefended model of the same data, for transfer attacks."""
+
+    model: nn.Module
+    num_classes: int
+    gradient_model: nn.Module | None = None
+    surrogate: nn.Module | None = None
+
+    def differentiable(self, bpda: bool) -> nn.Module:
+        return self.gradient_model if bpda and self.gradient_model is not None else self.model
+
+
+# --------------------------------------------------------------------------------------- losses
+# Each returns one value per example; larger means more adversarial.
+
+
+def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner's logit margin max_{i != y} z_i - z_y: it does not saturate with the softmax."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return others.max(dim=1).values - true
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Croce & Hein's difference of logits ratio: margin divided by z_pi1 - z_pi3, so it is
+    invariant to the scale of the logits (needs at least 3 classes)."""
+    top = logits.sort(dim=1, descending=True).values
+    return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": ce_loss,
+    "margin": margin_loss,
+    "dlr": dlr_loss,
+}
+
+
+def loss_function(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def input_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    eot_samples: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient of the per-example loss with respect to the input, in one batched pass.
+
+    With ``eot_samples > 1`` the batch is replicated and the loss averaged over the copies, which
+    averages the gradient over a randomized defense's draws (Expectation over Transformation).
+    Returns (gradient, per-example loss, logits averaged over draws), all detached."""
+    x = x.detach().requires_grad_(True)
+    batch = x.shape[0]
+    with torch.enable_grad():
+        inputs = x if eot_samples == 1 else x.repeat(eot_samples, *([1] * (x.dim() - 1)))
+        logits = model(inputs)
+        targets = y if eot_samples == 1 else y.repeat(eot_samples)
+        losses = loss(logits, targets)
+        if eot_samples > 1:
+            losses = losses.view(eot_samples, batch).mean(0)
+            logits = logits.view(eot_samples, batch, -1).mean(0)
+        (grad,) = torch.autograd.grad(losses.sum(), x)
+    return grad.detach(), losses.detach(), logits.detach()
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1)
+
+
+def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example size of a perturbation in the given norm."""
+    flat = _flat(delta)
+    if norm == "linf":
+        return flat.abs().amax(dim=1)
+    if norm == "l2":
+        return flat.norm(p=2, dim=1)
+    if norm == "l1":
+        return flat.abs().sum(dim=1)
+    raise ValueError(f"no perturbation norm for threat model {norm!r}")
+
+
+def project_l1_ball(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Euclidean projection onto the L1 ball (Duchi et al. 2008), batched, via a sort."""
+    flat = _flat(delta)
+    magnitude = flat.abs()
+    inside = magnitude.sum(dim=1) <= eps
+    sorted_mag = magnitude.sort(dim=1, descending=True).values
+    cumulative = sorted_mag.cumsum(dim=1)
+    ranks = torch.arange(1, flat.shape[1] + 1, device=delta.device, dtype=delta.dtype)
+    condition = sorted_mag * ranks > (cumulative - eps)
+    rho = condition.to(torch.int64).cumsum(dim=1).argmax(dim=1, keepdim=True)
+    theta = (cumulative.gather(1, rho) - eps) / (rho + 1).to(delta.dtype)
+    projected = flat.sign() * (magnitude - theta).clamp_min(0)
+    return torch.where(inside[:, None], flat, projected).view_as(delta)
+
+
+def project(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """Project perturbations onto the eps-ball of ``norm`` (per example)."""
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    if norm == "l2":
+        norms = perturbation_norm(delta, "l2")
+        factor = torch.clamp(eps / (norms + 1e-12), max=1.0)
+        return delta * _per_example(factor, delta)
+    if norm == "l1":
+        return project_l1_ball(delta, eps)
+    raise ValueError(f"cannot project onto threat model {norm!r}")
+
+
+def clip_to_threat(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """The nearest valid example: inside [0, 1] first, then inside the ball. Shrinking a
+    perturbation toward zero keeps it inside the box, so the result satisfies both."""
+    delta = x_adv.clamp(0.0, 1.0) - x
+    return (x + project(delta, norm, eps)).clamp(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+    """A uniformly random point of the ball (Linf: uniform cube; L2/L1: random direction and radius)."""
+    if norm == "linf":
+        delta = (torch.rand_like(x) * 2 - 1) * eps
+    else:
+        direction = torch.randn_like(x)
+        if norm == "l1":
+            direction = direction.sign() * torch.empty_like(x).exponential_()
+        direction = direction / _per_example(perturbation_norm(direction, norm) + 1e-12, x)
+        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) * eps
+        delta = direction * _per_example(radius, x)
+    return clip_to_threat(x, x + delta, norm, eps)
+
+
+def steepest_ascent(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """The unit step that increases a linearised loss most within the norm ball."""
+    if norm == "linf":
+        return grad.sign()
+    if norm == "l2":
+        return grad / _per_example(perturbation_norm(grad, "l2") + 1e-12, grad)
+    raise ValueError(f"no steepest-ascent step for threat model {norm!r}")
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(dim=1)
+
+
+# ------------------------------------------------------------------------------------- attacks
+
+
+class Attack:
+    """Base class. Subclasses set ``norm`` (or take it as a kwarg) and implement ``generate``.
+
+    ``__call__`` checks the contract every attack keeps: the output has the input's shape, is
+    finite, lies in [0, 1] and — for bounded attacks — inside the eps-ball. A violation is a bug in
+    the attack and raises instead of being silently repaired."""
+
+    norm: str = "linf"
+    spec: Any = None
+    kwargs: dict[str, Any]
+
+    def __init__(self, eps: float) -> None:
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.eps = float(eps)
+
+    def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def max_passes_per_example(self) -> tuple[int, int] | None:
+        """Upper bound on (forwards, backwards) per example, or None if the attack does not declare one."""
+        return None
+
+    def __call__(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = self.generate(victim, x.detach(), y.detach()).detach()
+        self._check(x, x_adv)
+        return x_adv
+
+    def _check(self, x: torch.Tensor, x_adv: torch.Tensor) -> None:
+        name = type(self).__name__
+        if x_adv.shape != x.shape or x_adv.device != x.device:
+            raise RuntimeError(f"{name} returned shape {tuple(x_adv.shape)} on {x_adv.device}")
+        if not torch.isfinite(x_adv).all():
+            raise RuntimeError(f"{name} returned non-finite values")
+        if x_adv.min() < -BOUND_TOLERANCE or x_adv.max() > 1 + BOUND_TOLERANCE:
+            raise RuntimeError(f"{name} left the [0, 1] image box")
+        if self.norm in ("linf", "l2", "l1") and len(x):
+            size = perturbation_norm(x_adv - x, self.norm).max().item()
+            if size > self.eps * (1 + 1e-4) + BOUND_TOLERANCE:
+                raise RuntimeError(f"{name} left the {self.norm} ball: {size:.6f} > eps {self.eps}")

@@ -1,0 +1,33 @@
+"""FGSM (Goodfellow et al. 2015): one signed-gradient step of size eps. A single-step baseline whose
+beating an iterative attack is a classic sign of gradient masking."""
+
+from __future__ import annotations
+
+import torch
+
+from attacks.base import Attack, Victim, clip_to_threat, input_gradient, loss_function
+from bench.registry import register_attack
+
+
+@register_attack(
+    "fgsm-linf-v1",
+    family="gradient",
+    norm="linf",
+    kwargs={"loss": "ce", "eot_samples": 1, "bpda": False},
+    description="Fast gradient sign method: one step of size eps (cross-entropy)",
+)
+class FGSM(Attack):
+    norm = "linf"
+
+    def __init__(self, eps: float, loss: str = "ce", eot_samples: int = 1, bpda: bool = False) -> None:
+        super().__init__(eps)
+        self.loss = loss_function(loss)
+        self.eot_samples = int(eot_samples)
+        self.bpda = bool(bpda)
+
+    def max_passes_per_example(self) -> tuple[int, int]:
+        return self.eot_samples, self.eot_samples
+
+    def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        grad, _, _ = input_gradient(victim.differentiable(self.bpda), x, y, self.loss, self.eot_samples)
+        return clip_to_threat(x, x + self.eps * grad.sign(), self.norm, self.eps)

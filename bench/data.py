@@ -1,0 +1,291 @@
+"""Datasets as tensors in [0, 1], NCHW, with fixed splits — read straight from the published files.
+
+No torchvision: MNIST-style IDX files and CIFAR-10's pickle batches are parsed here, each file
+checked against its published checksum before it is trusted (and, for CIFAR, before it is unpickled).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.errors import RobustMatrixError
+
+DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification dataset with a fixed train/test split; images NCHW float32 in [0, 1]."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """Digest of the exact tensors, so a cached checkpoint is never reused on different data."""
+        digest = hashlib.sha256(self.name.encode())
+        for tensor in (self.x_train, self.y_train, self.x_test, self.y_test):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def eval_indices(self, n: int) -> torch.Tensor:
+        """The first ``n`` test examples in a fixed class-interleaved order: every run and every
+        cell sees the same examples, and any prefix is (nearly) class-balanced."""
+        if n > len(self.y_test):
+            raise RobustMatrixError(f"n_eval = {n} but {self.name} has only {len(self.y_test)} test examples")
+        return torch.from_numpy(_interleaved_order(self.y_test.numpy())[:n])
+
+
+def _interleaved_order(labels: np.ndarray, seed: int = 1) -> np.ndarray:
+    rng = np.random.RandomState(seed)
+    order = rng.permutation(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)
+    for cls in np.unique(labels):
+        members = order[labels[order] == cls]
+        rank[members] = np.arange(len(members))
+    return np.lexsort((labels, rank))
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a per-class random split; the legacy RandomState keeps it stable across numpy versions."""
+    rng = np.random.RandomState(seed)
+    train, test = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_test = int(round(len(members) * test_fraction))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+def _split_dataset(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, classes: int) -> Dataset:
+    train, test = stratified_split(y, test_fraction, seed=0)
+    x_train, y_train = _to_tensors(x[train], y[train])
+    x_test, y_test = _to_tensors(x[test], y[test])
+    return Dataset(name, x_train, y_train, x_test, y_test, classes)
+
+
+def load_digits_dataset(data_dir: Path | None = None, download: bool = True) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images), 75/25 stratified split; no download."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).reshape(-1, 1, 8, 8)
+    return _split_dataset("digits", x, bunch.target, 0.25, 10)
+
+
+# ---------------------------------------------------------------------------------------------- IDX
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A published file: where to get it and how to recognise it. ``md5`` is the checksum of the
+    file as published; ``content_sha256`` (optional) that of its decompressed payload, which also
+    accepts a faithful re-compression of the same bytes."""
+
+    name: str
+    md5: str
+    content_sha256: str | None = None
+
+
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_FILES = {
+    "train-images": RemoteFile("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "train-labels": RemoteFile("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+    "test-images": RemoteFile(
+        "t10k-images-idx3-ubyte.gz",
+        "9fb629c4189551a2d022fa330f9573f3",
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    "test-labels": RemoteFile(
+        "t10k-labels-idx1-ubyte.gz",
+        "ec29112dd5afa0611ce80d1b7f02629c",
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
+}
+FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+FASHION_FILES = {
+    "train-images": RemoteFile("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    "train-labels": RemoteFile("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+    "test-images": RemoteFile("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+    "test-labels": RemoteFile("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+}
+CIFAR10_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
+CIFAR10_ARCHIVE = RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+CIFAR10_BATCHES = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+
+
+def _digest(path: Path, algorithm: str, opener: Callable = open) -> str:
+    digest = hashlib.new(algorithm)
+    with opener(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verified(path: Path, remote: RemoteFile) -> bool:
+    if _digest(path, "md5") == remote.md5:
+        return True
+    if remote.content_sha256 is None:
+        return False
+    try:
+        return _digest(path, "sha256", gzip.open) == remote.content_sha256
+    except (OSError, EOFError):
+        return False
+
+
+def _download(remote: RemoteFile, mirrors: tuple[str, ...], target: Path) -> str | None:
+    """Fetch into ``target`` atomically; returns None on success, else the last error."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    error = "no mirror"
+    for mirror in mirrors:
+        url = mirror + remote.name
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:  # noqa: S310
+                fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(response, out)
+            os.replace(tmp, target)
+            return None
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            error = f"{url}: {getattr(exc, 'reason', exc)}"
+    return error
+
+
+def _fetch(dataset: str, remote: RemoteFile, mirrors: tuple[str, ...], data_dir: Path, download: bool) -> Path:
+    path = data_dir / remote.name
+    if not path.exists():
+        reason = "downloads are disabled" if not download else _download(remote, mirrors, path)
+        if reason is not None:
+            raise RobustMatrixError(
+                f"{dataset}: {remote.name} is missing from {data_dir} and could not be downloaded "
+                f"({reason}); put the file there (from {mirrors[0]}) or pass --data-dir"
+            )
+    if not _verified(path, remote):
+        raise RobustMatrixError(
+            f"{dataset}: {path} does not match its published checksum (md5 {remote.md5}); "
+            "delete it to download it again, or replace it with the original file"
+        )
+    return path
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse a gzip-compressed IDX file of unsigned bytes (the MNIST format)."""
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise RobustMatrixError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + int(np.prod(shape)):
+        raise RobustMatrixError(f"{path}: IDX header says {shape} but the payload size does not match")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _load_idx_pair(
+    dataset: str, files: dict[str, RemoteFile], mirrors: tuple[str, ...], data_dir: Path, split: str, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    images = read_idx(_fetch(dataset, files[f"{split}-images"], mirrors, data_dir, download))
+    labels = read_idx(_fetch(dataset, files[f"{split}-labels"], mirrors, data_dir, download))
+    if images.shape[0] != labels.shape[0]:
+        raise RobustMatrixError(f"{dataset}: {len(images)} {split} images but {len(labels)} labels")
+    return images.reshape(-1, 1, 28, 28) / np.float32(255.0), labels
+
+
+def _idx_dataset(name: str, files: dict[str, RemoteFile], mirrors: tuple[str, ...]) -> Callable[..., Dataset]:
+    def load(data_dir: Path | None = None, download: bool = True) -> Dataset:
+        directory = Path(data_dir) if data_dir else default_data_dir(name)
+        x_train, y_train = _load_idx_pair(name, files, mirrors, directory, "train", download)
+        x_test, y_test = _load_idx_pair(name, files, mirrors, directory, "test", download)
+        return Dataset(name, *_to_tensors(x_train, y_train), *_to_tensors(x_test, y_test), 10)
+
+    load.__doc__ = f"{name}: the official 60,000/10,000 split from the four IDX files."
+    return load
+
+
+def load_mnist_t10k(data_dir: Path | None = None, download: bool = True) -> Dataset:
+    """The MNIST *test* set alone, split 8,000/2,000 (stratified, fixed seed): for offline MNIST runs
+    where only ``t10k-*`` files are at hand."""
+    directory = Path(data_dir) if data_dir else default_data_dir("mnist")
+    x, y = _load_idx_pair("mnist-t10k", MNIST_FILES, MNIST_MIRRORS, directory, "test", download)
+    return _split_dataset("mnist-t10k", x, y, 0.2, 10)
+
+
+def load_cifar10(data_dir: Path | None = None, download: bool = True) -> Dataset:
+    """CIFAR-10 from the python-pickle batches (``cifar-10-batches-py/``), or the archive holding them."""
+    directory = Path(data_dir) if data_dir else default_data_dir("cifar10")
+    batches = directory / "cifar-10-batches-py"
+    if not batches.is_dir():
+        archive = _fetch("cifar10", CIFAR10_ARCHIVE, CIFAR10_MIRRORS, directory, download)
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith("cifar-10-batches-py/")]
+            tar.extractall(directory, members=members, filter="data")
+    arrays = {}
+    for name, md5 in CIFAR10_BATCHES.items():
+        path = batches / name
+        if not path.exists() or _digest(path, "md5") != md5:
+            raise RobustMatrixError(f"cifar10: {path} is missing or does not match its published md5 {md5}")
+        with open(path, "rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")  # noqa: S301 - checksum verified above
+        arrays[name] = (batch[b"data"].reshape(-1, 3, 32, 32), np.asarray(batch[b"labels"]))
+    train = [arrays[f"data_batch_{i}"] for i in range(1, 6)]
+    x_train = np.concatenate([x for x, _ in train]) / np.float32(255.0)
+    y_train = np.concatenate([y for _, y in train])
+    x_test, y_test = arrays["test_batch"]
+    return Dataset("cifar10", *_to_tensors(x_train, y_train), *_to_tensors(x_test / np.float32(255.0), y_test), 10)
+
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": load_digits_dataset,
+    "mnist": _idx_dataset("mnist", MNIST_FILES, MNIST_MIRRORS),
+    "mnist-t10k": load_mnist_t10k,
+    "fashion-mnist": _idx_dataset("fashion-mnist", FASHION_FILES, FASHION_MIRRORS),
+    "cifar10": load_cifar10,
+}
+
+
+def default_data_dir(name: str) -> Path:
+    root = os.environ.get("ROBUSTMATRIX_DATA")
+    base = Path(root) if root else Path.home() / ".cache" / "robustmatrix" / "data"
+    return base / name
+
+
+def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True) -> Dataset:
+    """Load a dataset by name; files are looked for in ``data_dir`` (default: $ROBUSTMATRIX_DATA/<name>
+    or ~/.cache/robustmatrix/data/<name>) and downloaded there when missing."""
+    if name not in DATASETS:
+        raise RobustMatrixError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name](Path(data_dir) if data_dir else None, download)

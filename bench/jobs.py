@@ -1,0 +1,52 @@
+"""Units of work, as plain picklable data: what an executor ships to a worker.
+
+A job names components by id and carries resolved kwargs, never live objects, so any executor (in
+process, Ray task, Slurm shard) can run it from the registry alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    training_key: str
+    defense_id: str
+    kwargs: dict[str, Any]
+    dataset: str
+    seed: int
+    checkpoint: str  # file name inside the checkpoint directory
+
+
+@dataclass(frozen=True)
+class EvaluationJob:
+    eval_key: str
+    training: TrainingJob
+    n_eval: int
+
+
+@dataclass(frozen=True)
+class CellJob:
+    cell_key: str
+    training: TrainingJob
+    attack_id: str
+    attack_version: str
+    attack_kwargs: dict[str, Any]
+    family: str
+    norm: str
+    eps: float
+    bounded: bool
+    n_eval: int
+    batch_size: int
+    clean_mask: bytes
+    bpda_fallback: bool
+    """BPDA through the preprocessing with an identity backward, for a defense that was observed
+    (not declared) to have vanishing gradients."""
+    surrogate: TrainingJob | None
+    timeout: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.training.defense_id} × {self.attack_id} @ {self.norm} {self.eps:g} (seed {self.training.seed})"

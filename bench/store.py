@@ -1,0 +1,411 @@
+"""The results database: one SQLite file holding every trained defense, clean evaluation and cell.
+
+Every result is validated, then written in its own transaction the moment it exists, keyed by a
+digest of everything that determines it; a key already present is never recomputed. A run killed
+at any point therefore loses at most the cell in flight, and re-running completes exactly the
+missing cells. The schema is documented in ARCHITECTURE.md; ``user_version`` is its version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.errors import RobustMatrixError
+
+APPLICATION_ID = 0x524D5458  # "RMTX": marks the file as ours
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS trainings (
+    training_key TEXT PRIMARY KEY,
+    defense_id TEXT NOT NULL,
+    defense_version TEXT NOT NULL,
+    source TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    kwargs TEXT NOT NULL,
+    trained_against TEXT NOT NULL,
+    nature TEXT NOT NULL,
+    architecture TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,
+    epochs INTEGER NOT NULL,
+    wall_time REAL NOT NULL,
+    forwards INTEGER NOT NULL,
+    backwards INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    eval_key TEXT PRIMARY KEY,
+    training_key TEXT NOT NULL REFERENCES trainings(training_key),
+    n_eval INTEGER NOT NULL,
+    clean_accuracy REAL NOT NULL,
+    clean_mask BLOB NOT NULL,
+    observed TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cells (
+    cell_key TEXT PRIMARY KEY,
+    training_key TEXT NOT NULL REFERENCES trainings(training_key),
+    dataset TEXT NOT NULL,
+    defense_id TEXT NOT NULL,
+    attack_id TEXT NOT NULL,
+    attack_version TEXT NOT NULL,
+    attack_kwargs TEXT NOT NULL,
+    family TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    bounded INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    n_eval INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+    error TEXT,
+    clean_accuracy REAL,
+    robust_accuracy REAL,
+    robust_mask BLOB,
+    success_mask BLOB,
+    mean_perturbation REAL,
+    forwards INTEGER NOT NULL,
+    backwards INTEGER NOT NULL,
+    wall_time REAL NOT NULL,
+    device TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cells_by_defense ON cells(dataset, defense_id, attack_id, eps, seed);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    git_commit TEXT,
+    versions TEXT NOT NULL,
+    device TEXT NOT NULL,
+    cells_computed INTEGER NOT NULL DEFAULT 0,
+    cells_failed INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Per-example booleans as packed bits (the length is stored beside them as n_eval)."""
+    return np.packbits(np.asarray(mask, dtype=bool)).tobytes()
+
+
+def decode_mask(blob: bytes, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n).astype(bool)
+
+
+def _require(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(f"refusing to store an invalid result: {what}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    training_key: str
+    defense_id: str
+    defense_version: str
+    source: str
+    dataset: str
+    seed: int
+    kwargs: Mapping[str, Any]
+    trained_against: Sequence[Mapping[str, Any]]
+    nature: Mapping[str, Any]
+    architecture: str
+    checkpoint: str
+    epochs: int
+    wall_time: float
+    forwards: int
+    backwards: int
+    device: str
+    versions: Mapping[str, str]
+
+    def validate(self) -> None:
+        _require(
+            all(_is_number(v) and v >= 0 for v in (self.wall_time, self.forwards, self.backwards)),
+            "training cost must be non-negative numbers",
+        )
+        _require(isinstance(self.seed, int) and isinstance(self.epochs, int), "seed and epochs must be integers")
+        for threat in self.trained_against:
+            _require(_is_number(threat.get("eps")) and threat.get("norm"), f"bad trained-against {threat}")
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    eval_key: str
+    training_key: str
+    n_eval: int
+    clean_mask: np.ndarray
+    observed: Mapping[str, Any]
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(np.mean(self.clean_mask)) if self.n_eval else 0.0
+
+    def validate(self) -> None:
+        _require(len(self.clean_mask) == self.n_eval, "clean mask length differs from n_eval")
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    cell_key: str
+    training_key: str
+    dataset: str
+    defense_id: str
+    attack_id: str
+    attack_version: str
+    attack_kwargs: Mapping[str, Any]
+    family: str
+    norm: str
+    eps: float
+    bounded: bool
+    seed: int
+    n_eval: int
+    status: str
+    error: str | None
+    clean_mask: np.ndarray | None
+    robust_mask: np.ndarray | None
+    mean_perturbation: float | None
+    forwards: int
+    backwards: int
+    wall_time: float
+    device: str
+    versions: Mapping[str, str]
+
+    @property
+    def success_mask(self) -> np.ndarray | None:
+        """Clean-correct examples the attack turned into errors."""
+        if self.clean_mask is None or self.robust_mask is None:
+            return None
+        return self.clean_mask & ~self.robust_mask
+
+    def validate(self) -> None:
+        _require(self.status in ("ok", "failed"), f"status {self.status!r}")
+        _require(_is_number(self.eps) and self.eps >= 0, f"eps {self.eps!r}")
+        _require(
+            all(_is_number(v) and v >= 0 for v in (self.forwards, self.backwards, self.wall_time)),
+            "cost must be non-negative numbers",
+        )
+        if self.status == "failed":
+            _require(bool(self.error), "a failed cell needs its reason")
+            return
+        _require(self.clean_mask is not None and self.robust_mask is not None, "masks missing")
+        _require(len(self.clean_mask) == self.n_eval == len(self.robust_mask), "mask length differs from n_eval")
+        _require(
+            not np.any(self.robust_mask & ~self.clean_mask),
+            "an example counted robust although it is misclassified without attack",
+        )
+        _require(
+            self.mean_perturbation is None or _is_number(self.mean_perturbation),
+            f"mean perturbation {self.mean_perturbation!r}",
+        )
+
+
+def _row(record: Any) -> dict[str, Any]:
+    row = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, np.ndarray):
+            value = encode_mask(value)
+        elif isinstance(value, Mapping) or (isinstance(value, Sequence) and not isinstance(value, str)):
+            value = json.dumps(value if isinstance(value, Mapping) else list(value), sort_keys=True, default=dict)
+        elif isinstance(value, bool):
+            value = int(value)
+        row[f.name] = value
+    return row
+
+
+class Store:
+    """A robustmatrix results database. Open with :meth:`open` (creates) or :meth:`open_existing`."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self.connection = connection
+        self.path = path
+
+    # ----------------------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | Path, *, create: bool = True) -> Store:
+        path = Path(path)
+        if path.is_dir():
+            raise RobustMatrixError(f"{path} is a directory, not a database file")
+        exists = path.exists() and path.stat().st_size > 0
+        if not exists and not create:
+            raise RobustMatrixError(f"no results database at {path}; run `robustmatrix run` first")
+        if not exists:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RobustMatrixError(f"cannot create a database at {path}: {exc.strerror}") from None
+        try:
+            connection = sqlite3.connect(path, timeout=30)
+            connection.row_factory = sqlite3.Row
+            app_id = connection.execute("PRAGMA application_id").fetchone()[0]
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise RobustMatrixError(f"{path} is not a robustmatrix database ({exc})") from None
+        except OSError as exc:
+            raise RobustMatrixError(f"cannot read {path}: {exc}") from None
+        if exists and app_id != APPLICATION_ID:
+            connection.close()
+            detail = "an empty SQLite file" if tables == 0 else "a SQLite database of another program"
+            raise RobustMatrixError(f"{path} is {detail}, not a robustmatrix results database")
+        if version > SCHEMA_VERSION:
+            connection.close()
+            raise RobustMatrixError(
+                f"{path} was written by a newer robustmatrix (schema {version} > {SCHEMA_VERSION}); upgrade"
+            )
+        store = cls(connection, path)
+        if not exists:
+            store._initialise()
+        return store
+
+    @classmethod
+    def open_existing(cls, path: str | Path) -> Store:
+        return cls.open(path, create=False)
+
+    def _initialise(self) -> None:
+        try:
+            with self.connection:
+                self.connection.execute("PRAGMA journal_mode=WAL")
+                self.connection.executescript(SCHEMA)
+                self.connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self.connection.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (now(),))
+        except sqlite3.OperationalError as exc:
+            raise RobustMatrixError(f"cannot write the database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self.connection:
+                yield self.connection
+        except sqlite3.OperationalError as exc:
+            raise RobustMatrixError(f"cannot write the database {self.path}: {exc}") from None
+
+    # ----------------------------------------------------------------------------- writing
+    def _insert(self, table: str, record: Any, extra: Mapping[str, Any] | None = None) -> bool:
+        record.validate()
+        row = {**_row(record), **(extra or {}), "created_at": now()}
+        columns = ", ".join(row)
+        marks = ", ".join(f":{c}" for c in row)
+        with self._write() as connection:
+            cursor = connection.execute(f"INSERT OR IGNORE INTO {table} ({columns}) VALUES ({marks})", row)
+        return cursor.rowcount == 1
+
+    def put_training(self, record: TrainingRecord) -> bool:
+        return self._insert("trainings", record)
+
+    def put_evaluation(self, record: EvaluationRecord) -> bool:
+        return self._insert("evaluations", record, {"clean_accuracy": record.clean_accuracy})
+
+    def put_cell(self, record: CellRecord, *, replace_failed: bool = True) -> bool:
+        """Write a cell; returns False if an ok cell with this key already exists. A failed cell
+        is replaced by a later result for the same key (that is what retrying means)."""
+        record.validate()
+        ok = record.status == "ok"
+        success = record.success_mask
+        extra = {
+            "clean_accuracy": float(np.mean(record.clean_mask)) if ok and record.n_eval else None,
+            "robust_accuracy": float(np.mean(record.robust_mask)) if ok and record.n_eval else None,
+            "success_mask": encode_mask(success) if success is not None else None,
+        }
+        row = {k: v for k, v in _row(record).items() if k != "clean_mask"}
+        row.update(extra, created_at=now())
+        columns = ", ".join(row)
+        marks = ", ".join(f":{c}" for c in row)
+        with self._write() as connection:
+            if replace_failed:
+                connection.execute("DELETE FROM cells WHERE cell_key = ? AND status = 'failed'", (record.cell_key,))
+            cursor = connection.execute(f"INSERT OR IGNORE INTO cells ({columns}) VALUES ({marks})", row)
+        return cursor.rowcount == 1
+
+    # ----------------------------------------------------------------------------- reading
+    def training(self, training_key: str) -> sqlite3.Row | None:
+        return self.connection.execute("SELECT * FROM trainings WHERE training_key = ?", (training_key,)).fetchone()
+
+    def evaluation(self, eval_key: str) -> sqlite3.Row | None:
+        return self.connection.execute("SELECT * FROM evaluations WHERE eval_key = ?", (eval_key,)).fetchone()
+
+    def cell_status(self, cell_keys: Sequence[str]) -> dict[str, str]:
+        """Status ('ok' / 'failed') of those keys that are present."""
+        found: dict[str, str] = {}
+        keys = list(cell_keys)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.connection.execute(
+                f"SELECT cell_key, status FROM cells WHERE cell_key IN ({marks})", chunk
+            ):
+                found[row["cell_key"]] = row["status"]
+        return found
+
+    def cells(self, **where: Any) -> list[sqlite3.Row]:
+        clause = " AND ".join(f"{k} = :{k}" for k in where) or "1"
+        return self.connection.execute(f"SELECT * FROM cells WHERE {clause} ORDER BY cell_key", where).fetchall()
+
+    def count(self, table: str) -> int:
+        return self.connection.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    # ----------------------------------------------------------------------------- runs
+    def start_run(
+        self, kind: str, config: Mapping[str, Any], device: str, versions: Mapping[str, str], git_commit: str | None
+    ) -> int:
+        with self._write() as connection:
+            cursor = connection.execute(
+                "INSERT INTO runs (kind, started_at, status, config, git_commit, versions, device) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (kind, now(), json.dumps(config, sort_keys=True), git_commit, json.dumps(dict(versions)), device),
+            )
+        return int(cursor.lastrowid)
+
+    def finish_run(self, run_id: int, status: str, computed: int, failed: int) -> None:
+        with self._write() as connection:
+            connection.execute(
+                "UPDATE runs SET finished_at = ?, status = ?, cells_computed = ?, cells_failed = ? WHERE run_id = ?",
+                (now(), status, computed, failed, run_id),
+            )
+
+
+def record_dict(record: Any) -> dict[str, Any]:
+    """A record as a plain dict (masks as lists), for logs and tests."""
+    out = asdict(record)
+    for key, value in out.items():
+        if isinstance(value, np.ndarray):
+            out[key] = value.tolist()
+    return out

@@ -1,0 +1,275 @@
+"""Where jobs run: trains or loads a defense, evaluates it clean, runs one cell of the matrix.
+
+A ``Workbench`` belongs to one worker process; it caches the dataset and the last few loaded
+defenses so consecutive cells on one defense do not reload it. Everything it returns is a validated
+record for the driver to store; it never touches the database itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacks.base import Victim, perturbation_norm
+from bench.counting import CountingModel, PassCounter
+from bench.data import Dataset, load_dataset
+from bench.errors import RobustMatrixError
+from bench.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.keys import seed_everything, seed_from, versions
+from bench.models import architecture_name, build_model
+from bench.probes import observe
+from bench.registry import ATTACKS, DEFENSES
+from bench.store import CellRecord, EvaluationRecord, TrainingRecord, decode_mask
+from defenses.base import Defense, StraightThrough, TrainContext, TrainData
+
+EpochCallback = Callable[[str, int, int, float], None]
+BatchCallback = Callable[[int, int], None]
+
+
+@dataclass
+class LoadedDefense:
+    defense: Defense
+    model: nn.Module
+    deployed: nn.Module
+    approximation: nn.Module | None
+
+
+def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Workbench:
+    def __init__(
+        self,
+        dataset: str,
+        device: torch.device,
+        checkpoint_dir: Path,
+        data_dir: str | None = None,
+        download: bool = True,
+        on_epoch: EpochCallback | None = None,
+        on_batch: BatchCallback | None = None,
+    ) -> None:
+        self.dataset_name = dataset
+        self.device = device
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.data_dir = data_dir
+        self.download = download
+        self.on_epoch = on_epoch
+        self.on_batch = on_batch
+        self._data: Dataset | None = None
+        self._loaded: OrderedDict[str, LoadedDefense] = OrderedDict()
+
+    # -------------------------------------------------------------------------------- data
+    @property
+    def data(self) -> Dataset:
+        if self._data is None:
+            self._data = load_dataset(self.dataset_name, self.data_dir, self.download)
+        return self._data
+
+    def eval_set(self, n_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.data.eval_indices(n_eval)
+        return self.data.x_test[index].to(self.device), self.data.y_test[index].to(self.device)
+
+    def _fresh_model(self, defense: Defense) -> nn.Module:
+        data = self.data
+        return defense.build_model(build_model(data.name, data.image_shape, data.num_classes)).to(self.device)
+
+    # ---------------------------------------------------------------------------- training
+    def train(self, job: TrainingJob) -> TrainingRecord:
+        """Train the defense, or reuse its checkpoint if one exists for this exact key."""
+        spec = DEFENSES.get(job.defense_id)
+        path = self.checkpoint_dir / job.checkpoint
+        meta = self._checkpoint_meta(path)
+        if meta is None:
+            meta = self._train_and_save(job, path)
+        return TrainingRecord(
+            training_key=job.training_key,
+            defense_id=job.defense_id,
+            defense_version=spec.code_version(),
+            source=spec.source,
+            dataset=job.dataset,
+            seed=job.seed,
+            kwargs=job.kwargs,
+            trained_against=[vars(t) for t in spec.threat_models(job.kwargs)],
+            nature=spec.nature(),
+            architecture=architecture_name(job.dataset),
+            checkpoint=job.checkpoint,
+            epochs=int(meta["epochs"]),
+            wall_time=float(meta["wall_time"]),
+            forwards=int(meta["forwards"]),
+            backwards=int(meta["backwards"]),
+            device=str(meta["device"]),
+            versions=versions(),
+        )
+
+    def _checkpoint_meta(self, path: Path) -> dict[str, Any] | None:
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return dict(payload["meta"])
+        except Exception:  # noqa: BLE001 - a torn or foreign file is simply retrained over
+            return None
+
+    def _train_and_save(self, job: TrainingJob, path: Path) -> dict[str, Any]:
+        spec = DEFENSES.get(job.defense_id)
+        defense = spec.make(job.dataset, job.kwargs)
+        seed_everything(seed_from(job.training_key))
+        model = self._fresh_model(defense)
+        data = self.data
+        train_data = TrainData(data.x_train.to(self.device), data.y_train.to(self.device), data.num_classes, data.name)
+        counter = PassCounter()
+
+        def on_epoch(epoch: int, epochs: int, loss: float) -> None:
+            if not math.isfinite(loss):
+                raise RobustMatrixError(f"training {job.defense_id} diverged: loss {loss} at epoch {epoch}")
+            if self.on_epoch is not None:
+                self.on_epoch(job.defense_id, epoch, epochs, loss)
+
+        ctx = TrainContext(self.device, seed_from(job.training_key), counter, on_epoch)
+        start = time.perf_counter()
+        defense.fit(model, train_data, ctx)
+        meta = {
+            "epochs": int(job.kwargs.get("epochs", 0)),
+            "wall_time": time.perf_counter() - start,
+            "forwards": counter.forwards,
+            "backwards": counter.backwards,
+            "device": str(self.device),
+            "training_key": job.training_key,
+        }
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        _atomic_save({"state_dict": state, "meta": meta}, path)
+        return meta
+
+    def load(self, job: TrainingJob) -> LoadedDefense:
+        """The trained defense, deployed on this workbench's device (cached)."""
+        if job.training_key in self._loaded:
+            self._loaded.move_to_end(job.training_key)
+            return self._loaded[job.training_key]
+        path = self.checkpoint_dir / job.checkpoint
+        if self._checkpoint_meta(path) is None:
+            self._train_and_save(job, path)
+        defense = DEFENSES.get(job.defense_id).make(job.dataset, job.kwargs)
+        model = self._fresh_model(defense)
+        payload = torch.load(path, map_location=self.device, weights_only=True)
+        model.load_state_dict(payload["state_dict"])
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        loaded = LoadedDefense(defense, model, defense.deploy(model), defense.gradient_approximation(model))
+        self._loaded[job.training_key] = loaded
+        while len(self._loaded) > 3:
+            self._loaded.popitem(last=False)
+        return loaded
+
+    # -------------------------------------------------------------------------- evaluation
+    def evaluate(self, job: EvaluationJob) -> EvaluationRecord:
+        """Clean accuracy on the evaluation examples, and what the defense is observed to do."""
+        loaded = self.load(job.training)
+        x, y = self.eval_set(job.n_eval)
+        seed_everything(seed_from(job.eval_key))
+        with torch.no_grad():
+            correct = torch.cat(
+                [loaded.deployed(x[i : i + 500]).argmax(dim=1) == y[i : i + 500] for i in range(0, len(y), 500)]
+            )
+        observed = observe(loaded.deployed, x, y)
+        return EvaluationRecord(job.eval_key, job.training.training_key, job.n_eval, correct.cpu().numpy(), observed)
+
+    # -------------------------------------------------------------------------------- cells
+    def run_cell(self, job: CellJob) -> CellRecord:
+        """Attack the clean-correct evaluation examples; a failure becomes a failed record."""
+        start = time.perf_counter()
+        counter = PassCounter()
+        try:
+            robust, mean_norm = self._attack(job, counter)
+            status, error = "ok", None
+        except RobustMatrixError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded with its reason; other cells go on
+            robust, mean_norm = None, None
+            status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        clean = decode_mask(job.clean_mask, job.n_eval)
+        return CellRecord(
+            cell_key=job.cell_key,
+            training_key=job.training.training_key,
+            dataset=job.training.dataset,
+            defense_id=job.training.defense_id,
+            attack_id=job.attack_id,
+            attack_version=job.attack_version,
+            attack_kwargs=job.attack_kwargs,
+            family=job.family,
+            norm=job.norm,
+            eps=job.eps,
+            bounded=job.bounded,
+            seed=job.training.seed,
+            n_eval=job.n_eval,
+            status=status,
+            error=error,
+            clean_mask=clean if status == "ok" else None,
+            robust_mask=robust,
+            mean_perturbation=mean_norm,
+            forwards=counter.forwards,
+            backwards=counter.backwards,
+            wall_time=time.perf_counter() - start,
+            device=str(self.device),
+            versions=versions(),
+        )
+
+    def _victim(self, job: CellJob, counter: PassCounter) -> tuple[Victim, nn.Module]:
+        loaded = self.load(job.training)
+        approximation = loaded.approximation
+        if approximation is None and job.bpda_fallback:
+            approximation = StraightThrough(loaded.model, loaded.defense.preprocess)
+        surrogate = self.load(job.surrogate).deployed if job.surrogate is not None else None
+        victim = Victim(
+            model=CountingModel(loaded.deployed, counter),
+            num_classes=self.data.num_classes,
+            gradient_model=CountingModel(approximation, counter) if approximation is not None else None,
+            surrogate=surrogate,
+        )
+        return victim, loaded.deployed
+
+    def _attack(self, job: CellJob, counter: PassCounter) -> tuple[np.ndarray, float | None]:
+        victim, deployed = self._victim(job, counter)
+        x, y = self.eval_set(job.n_eval)
+        clean = torch.from_numpy(decode_mask(job.clean_mask, job.n_eval)).to(self.device)
+        seed_everything(seed_from(job.cell_key))
+        attack = ATTACKS.get(job.attack_id).make(job.training.dataset, job.attack_kwargs, eps=job.eps)
+        robust = torch.zeros(job.n_eval, dtype=torch.bool, device=self.device)
+        norms = []
+        targets = clean.nonzero().squeeze(1)
+        batches = range(0, len(targets), job.batch_size)
+        deadline = None if job.timeout is None else time.perf_counter() + job.timeout
+        for number, start in enumerate(batches):
+            index = targets[start : start + job.batch_size]
+            x_adv = attack(victim, x[index], y[index])
+            with torch.no_grad():
+                still_correct = deployed(x_adv).argmax(dim=1) == y[index]
+            robust[index] = still_correct
+            if job.norm in ("linf", "l2", "l1") and (~still_correct).any():
+                norms.append(perturbation_norm((x_adv - x[index])[~still_correct], job.norm))
+            if self.on_batch is not None:
+                self.on_batch(number + 1, len(batches))
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError(f"cell exceeded its time budget of {job.timeout:g} s")
+        mean_norm = float(torch.cat(norms).mean()) if norms else None
+        return robust.cpu().numpy(), mean_norm

@@ -1,0 +1,1 @@
+"""Defenses: one per module, each registered next to its code with ``@register_defense``."""

@@ -1,0 +1,47 @@
+"""Madry et al. 2018 adversarial training: minimise the loss on PGD examples crafted against the
+current model at every step (from a random start, last iterate, no early stopping)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.nn import functional as F
+
+from attacks.base import Victim
+from attacks.pgd import PGD
+from bench.registry import TrainingThreat, register_defense
+from defenses.base import Defense, TrainContext, TrainData
+from defenses.training import train, training_kwargs, with_training_defaults
+
+LINF_KWARGS, LINF_DATASET_KWARGS = with_training_defaults(
+    {"norm": "linf", "eps": 0.2, "steps": 7, "rel_step": 2.5 / 7},
+    {
+        "mnist": {"eps": 0.3, "steps": 40, "rel_step": 0.01 / 0.3},
+        "mnist-t10k": {"eps": 0.3, "steps": 40, "rel_step": 0.01 / 0.3},
+        "fashion-mnist": {"eps": 0.1, "steps": 40, "rel_step": 0.01 / 0.1},
+        "cifar10": {"eps": 8 / 255, "steps": 10, "rel_step": 0.25},
+    },
+)
+
+
+@register_defense(
+    "pgd-at-linf-v1",
+    trained_against=(TrainingThreat("linf", "pgd"),),
+    kwargs=LINF_KWARGS,
+    dataset_kwargs=LINF_DATASET_KWARGS,
+    description="PGD adversarial training, Linf (Madry et al. 2018)",
+)
+class PGDAdversarialTraining(Defense):
+    def __init__(self, norm: str, eps: float, steps: int, rel_step: float, **kwargs: Any) -> None:
+        self.attack = PGD(eps, norm=norm, steps=steps, rel_step=rel_step, early_stop=False)
+        self.train_kwargs = training_kwargs(kwargs)
+
+    def fit(self, model: nn.Module, data: TrainData, ctx: TrainContext) -> None:
+        def adversarial_loss(counted: nn.Module, x, y, epoch: int):
+            counted.eval()
+            x_adv = self.attack(Victim(counted, data.num_classes), x, y)
+            counted.train()
+            return F.cross_entropy(counted(x_adv), y)
+
+        train(model, data, ctx, adversarial_loss, **self.train_kwargs)

@@ -1,0 +1,1 @@
+"""Leaderboard: built from the results database alone (never imports attacks or defenses)."""
