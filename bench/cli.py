@@ -128,6 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.executor import LocalExecutor
     from bench.keys import versions
     from bench.progress import Progress
+    from bench.registry import DEFENSES
     from bench.runner import Runner, checkpoint_dir
     from bench.store import Store
     from bench.workbench import Workbench
@@ -148,12 +149,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         on_epoch=progress.epoch,
         on_batch=progress.batch,
     )
-    fingerprint = workbench.data.fingerprint()
+    runner = Runner(spec, workbench.data, LocalExecutor(workbench), progress, args.retry_failed)
+    if args.defense:
+        DEFENSES.select(args.defense)
     with Store.open(db_path) as store:
-        runner = Runner(spec, store, LocalExecutor(workbench), fingerprint, progress, args.retry_failed)
         run_id = store.start_run("run", spec.to_dict(), str(device), versions(), _git_commit())
         try:
-            summary = runner.run(args.defense)
+            summary = runner.run(store, args.defense)
         except BaseException:
             store.finish_run(run_id, "interrupted", 0, 0)
             raise

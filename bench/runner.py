@@ -19,6 +19,7 @@ import numpy as np
 
 import bench.models
 from bench.config import MatrixSpec
+from bench.data import Dataset
 from bench.errors import RobustMatrixError
 from bench.executor import Executor
 from bench.jobs import CellJob, EvaluationJob, TrainingJob
@@ -86,19 +87,19 @@ class Runner:
     def __init__(
         self,
         spec: MatrixSpec,
-        store: Store,
+        dataset: Dataset,
         executor: Executor,
-        fingerprint: str,
         progress: Progress | None = None,
         retry_failed: bool = False,
     ) -> None:
+        """Resolve and validate the whole matrix up front, so bad input fails before any work."""
         self.spec = spec
-        self.store = store
         self.executor = executor
-        self.fingerprint = fingerprint
+        self.fingerprint = dataset.fingerprint()
         self.progress = progress or Progress(enabled=False)
         self.retry_failed = retry_failed
         self._models_version = digest(inspect.getsource(bench.models))
+        dataset.eval_indices(spec.n_eval)
         _check_kwarg_tables(spec.defense_kwargs, DEFENSES)
         _check_kwarg_tables(spec.attack_kwargs, ATTACKS)
         self.defenses: list[DefenseSpec] = DEFENSES.select(list(spec.defenses))  # type: ignore[assignment]
@@ -108,6 +109,8 @@ class Runner:
         }
         self.attack_versions = {a.id: a.code_version() for a in self.attacks}
         self._check_eps()
+        for defense in self.defenses:
+            self.training_job(defense, spec.seeds[0])
 
     def _check_eps(self) -> None:
         literal = {p for p in self.spec.attacks if not WILDCARD & set(p)}
@@ -191,7 +194,9 @@ class Runner:
         return jobs
 
     # -------------------------------------------------------------------------------- run
-    def run(self, only_defenses: list[str] | None = None) -> RunSummary:
+    def run(self, store: Store, only_defenses: list[str] | None = None) -> RunSummary:
+        """Compute what ``store`` lacks (for ``only_defenses``, if given) and store it as it finishes."""
+        self.store = store
         summary = RunSummary()
         chosen = DEFENSES.select(only_defenses) if only_defenses else self.defenses
         trainings = [self.training_job(d, seed) for seed in self.spec.seeds for d in chosen]

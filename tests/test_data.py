@@ -1,0 +1,89 @@
+"""Data loading: the embedded digits, the shared MNIST files, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bench.data import load_dataset, read_idx
+from bench.errors import RobustMatrixError
+
+
+def test_digits_is_scaled_split_and_stratified(digits):
+    assert digits.x_train.shape == (1347, 1, 8, 8) and digits.x_test.shape == (450, 1, 8, 8)
+    assert digits.x_train.dtype == torch.float32 and digits.y_train.dtype == torch.int64
+    assert float(digits.x_train.min()) == 0.0 and float(digits.x_train.max()) == 1.0
+    train_share = np.bincount(digits.y_train.numpy()) / len(digits.y_train)
+    test_share = np.bincount(digits.y_test.numpy()) / len(digits.y_test)
+    assert np.abs(train_share - test_share).max() < 0.01
+
+
+def test_digits_split_is_fixed(digits):
+    again = load_dataset("digits")
+    assert torch.equal(again.x_test, digits.x_test) and torch.equal(again.y_train, digits.y_train)
+    assert again.fingerprint() == digits.fingerprint()
+
+
+def test_eval_examples_are_a_fixed_class_balanced_prefix(digits):
+    first = digits.eval_indices(100)
+    assert torch.equal(first, digits.eval_indices(100))
+    assert torch.equal(digits.eval_indices(300)[:100], first)
+    counts = np.bincount(digits.y_test[first].numpy(), minlength=10)
+    assert counts.min() == counts.max() == 10
+    with pytest.raises(RobustMatrixError, match="only 450 test examples"):
+        digits.eval_indices(451)
+
+
+def test_shared_mnist_test_set_loads_and_splits(shared_mnist_dir):
+    data = load_dataset("mnist-t10k", shared_mnist_dir, download=False)
+    assert data.x_train.shape == (8000, 1, 28, 28) and data.x_test.shape == (2000, 1, 28, 28)
+    labels = torch.cat([data.y_train, data.y_test]).numpy()
+    assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert float(data.x_train.min()) >= 0.0 and float(data.x_train.max()) == 1.0
+
+
+def test_mnist_missing_training_files_is_a_clear_error_without_download(shared_mnist_dir, tmp_path):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(shared_mnist_dir / name, tmp_path / name)
+    with pytest.raises(RobustMatrixError, match=r"train-images-idx3-ubyte.gz is missing from .* put the file there"):
+        load_dataset("mnist", tmp_path, download=False)
+
+
+def test_a_corrupted_file_fails_its_checksum(shared_mnist_dir, tmp_path):
+    shutil.copy(shared_mnist_dir / "t10k-labels-idx1-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
+    raw = gzip.decompress((shared_mnist_dir / "t10k-images-idx3-ubyte.gz").read_bytes())
+    tampered = bytearray(raw)
+    tampered[-1] ^= 0xFF
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(tampered)))
+    with pytest.raises(RobustMatrixError, match="does not match its published checksum"):
+        load_dataset("mnist-t10k", tmp_path, download=False)
+
+
+def test_download_failure_says_where_to_put_the_files(tmp_path):
+    with pytest.raises(RobustMatrixError, match=r"could not be downloaded .* put the file there"):
+        load_dataset("fashion-mnist", tmp_path, download=True)
+
+
+def test_read_idx_rejects_non_idx_files(tmp_path):
+    path = tmp_path / "bogus.gz"
+    path.write_bytes(gzip.compress(b"not an idx file at all"))
+    with pytest.raises(RobustMatrixError, match="not an IDX file"):
+        read_idx(path)
+    truncated = tmp_path / "short.gz"
+    truncated.write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2])))
+    with pytest.raises(RobustMatrixError, match="payload size does not match"):
+        read_idx(truncated)
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(RobustMatrixError, match="unknown dataset 'imagenet'; choose one of digits, mnist"):
+        load_dataset("imagenet")
+
+
+def test_cifar10_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(RobustMatrixError, match="cifar-10-python.tar.gz is missing"):
+        load_dataset("cifar10", tmp_path, download=False)

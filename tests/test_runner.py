@@ -1,0 +1,142 @@
+"""The runner end to end on a tiny digits matrix: every cell stored once, cached work skipped,
+identical results with a fixed seed, and a killed run resumed with nothing lost or duplicated."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_MATRIX, cli_command, cli_env, run_cli, write_matrix
+
+DETERMINISTIC_CELL_COLUMNS = (
+    "cell_key, training_key, defense_id, attack_id, norm, eps, seed, n_eval, status, "
+    "clean_accuracy, robust_accuracy, robust_mask, success_mask, mean_perturbation, forwards, backwards"
+)
+
+
+def snapshot(db: Path) -> dict[str, list[tuple]]:
+    """Everything in the database that must not depend on timing or interruption."""
+    connection = sqlite3.connect(db)
+    try:
+        return {
+            "cells": connection.execute(f"SELECT {DETERMINISTIC_CELL_COLUMNS} FROM cells ORDER BY cell_key").fetchall(),
+            "trainings": connection.execute(
+                "SELECT training_key, defense_id, kwargs, trained_against, forwards, backwards, epochs "
+                "FROM trainings ORDER BY training_key"
+            ).fetchall(),
+            "evaluations": connection.execute(
+                "SELECT eval_key, clean_mask, observed FROM evaluations ORDER BY eval_key"
+            ).fetchall(),
+        }
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    config = write_matrix(root / "matrix.toml", TINY_MATRIX)
+    first = run_cli("run", "--config", str(config), "--quiet", cwd=root)
+    return root, config, first
+
+
+def test_run_stores_every_cell_and_writes_the_leaderboard(tiny_run):
+    root, _, result = tiny_run
+    assert result.code == 0, result.stderr
+    db = root / "results" / "robustmatrix.db"
+    cells = snapshot(db)["cells"]
+    assert len(cells) == 2 * 2 * 2  # defenses x attacks x eps
+    assert {c[9] for c in cells} != {None}
+    assert (root / "results" / "leaderboard.md").read_text().count("| standard-v1") == 1
+    assert "pgd-at-linf-v1" in (root / "results" / "leaderboard.csv").read_text()
+    assert re.search(r"\|\s+rank\s+\|\s+defense", result.stdout), "run prints the leaderboard"
+
+
+def test_a_second_run_computes_nothing(tiny_run):
+    root, config, _ = tiny_run
+    before = snapshot(root / "results" / "robustmatrix.db")
+    again = run_cli("run", "--config", str(config), "--quiet", cwd=root)
+    assert again.code == 0
+    assert "0 defenses trained, 0 cells computed, 8 already in" in again.stderr
+    assert snapshot(root / "results" / "robustmatrix.db") == before
+
+
+def test_robust_accuracy_never_rises_with_eps(tiny_run):
+    root, _, _ = tiny_run
+    connection = sqlite3.connect(root / "results" / "robustmatrix.db")
+    rows = connection.execute(
+        "SELECT defense_id, attack_id, eps, robust_accuracy FROM cells ORDER BY defense_id, attack_id, eps"
+    ).fetchall()
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    for defense, attack, _, accuracy in rows:
+        by_pair.setdefault((defense, attack), []).append(accuracy)
+    for pair, accuracies in by_pair.items():
+        assert accuracies == sorted(accuracies, reverse=True), pair
+
+
+def test_a_fixed_seed_gives_identical_databases(tiny_run, tmp_path):
+    root, config, _ = tiny_run
+    result = run_cli("run", "--config", str(config), "--quiet", "--db", str(tmp_path / "again.db"), cwd=tmp_path)
+    assert result.code == 0
+    assert snapshot(tmp_path / "again.db") == snapshot(root / "results" / "robustmatrix.db")
+
+
+RESUME_MATRIX = TINY_MATRIX.replace("linf = [0.1, 0.3]", "linf = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]").replace(
+    "steps = 5", "steps = 20"
+)
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if ready():
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.005)
+    process.kill()
+    raise AssertionError("the run never reached the point where the test kills it")
+
+
+def _cells_in(db: Path) -> int:
+    try:
+        connection = sqlite3.connect(db, timeout=0.1)
+        try:
+            return connection.execute("SELECT count(*) FROM cells").fetchone()[0]
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path):
+    config = write_matrix(tmp_path / "matrix.toml", RESUME_MATRIX)
+    reference = tmp_path / "reference.db"
+    command = ["run", "--config", str(config), "--quiet"]
+    assert run_cli(*command, "--db", str(reference), cwd=tmp_path).code == 0
+    expected = snapshot(reference)
+    total = len(expected["cells"])
+
+    db = tmp_path / "killed" / "robustmatrix.db"
+    kill_points = [
+        lambda: (db.parent / "checkpoints").exists(),  # during training
+        lambda: _cells_in(db) >= 1,
+        lambda: _cells_in(db) >= total // 2,
+    ]
+    killed = 0
+    for ready in kill_points:
+        process = subprocess.Popen(cli_command(*command, "--db", str(db)), cwd=tmp_path, env=cli_env())
+        killed += _kill_when(process, ready)
+    assert killed >= 2, "the runs finished before they could be killed; make the matrix slower"
+    resumed = run_cli(*command, "--db", str(db), cwd=tmp_path)
+    assert resumed.code == 0, resumed.stderr
+    assert snapshot(db) == expected
