@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 
 from attacks.base import Attack, Victim, clip_to_threat, input_gradient, loss_function
-from bench.registry import register_attack
+from bench.registry import Budget, register_attack
 
 
 @register_attack(
     "fgsm-linf-v1",
     family="gradient",
     norm="linf",
+    budget_defaults=Budget(steps=1, restarts=1),
     kwargs={"loss": "ce", "eot_samples": 1, "bpda": False},
     description="Fast gradient sign method: one step of size eps (cross-entropy)",
 )

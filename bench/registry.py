@@ -341,6 +341,8 @@ class AttackSpec(_SpecBase):
     eps_grid: tuple[float, ...] | None = None
     applies_to: str = "always"
     needs_surrogate: bool = False
+    budget_defaults: Budget = Budget()
+    """Budget fields the kwargs do not carry (FGSM is one step without a ``steps`` kwarg)."""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     dataset_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
@@ -348,6 +350,8 @@ class AttackSpec(_SpecBase):
 
     def __post_init__(self) -> None:
         self._validate_common("attack")
+        if not isinstance(self.budget_defaults, Budget):
+            raise RobustMatrixError(f"{self.id}: budget_defaults must be a Budget")
         _check_choice(self.family, FAMILIES, f"{self.id} family")
         _check_choice(self.norm, NORMS, f"{self.id} norm")
         _check_choice(self.applies_to, TRIGGERS, f"{self.id} applies_to")
@@ -356,8 +360,14 @@ class AttackSpec(_SpecBase):
             object.__setattr__(self, "eps_grid", grid)
 
     def budget(self, kwargs: Mapping[str, Any] | None = None) -> Budget:
+        """Steps, restarts and queries per example, from the kwargs (or the declared defaults)."""
         kwargs = self.kwargs if kwargs is None else kwargs
-        return Budget(steps=kwargs.get("steps"), restarts=kwargs.get("restarts"), queries=kwargs.get("queries"))
+        declared = self.budget_defaults
+        return Budget(
+            steps=kwargs.get("steps", declared.steps),
+            restarts=kwargs.get("restarts", declared.restarts),
+            queries=kwargs.get("queries", declared.queries),
+        )
 
     def describe(self, dataset: str = "digits") -> dict[str, Any]:
         kwargs = self.resolve_kwargs(dataset)

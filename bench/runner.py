@@ -198,6 +198,11 @@ class Runner:
         """Compute what ``store`` lacks (for ``only_defenses``, if given) and store it as it finishes."""
         self.store = store
         summary = RunSummary()
+        for attack in self.attacks:
+            described = attack.describe(self.spec.dataset)
+            described["kwargs"] = self.attack_kwargs[attack.id]
+            described["budget"] = vars(attack.budget(self.attack_kwargs[attack.id]))
+            store.put_attack(attack.id, self.attack_versions[attack.id], attack.source, described)
         chosen = DEFENSES.select(only_defenses) if only_defenses else self.defenses
         trainings = [self.training_job(d, seed) for seed in self.spec.seeds for d in chosen]
         surrogates: dict[int, TrainingJob] = {}

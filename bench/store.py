@@ -88,6 +88,14 @@ CREATE TABLE IF NOT EXISTS cells (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cells_by_defense ON cells(dataset, defense_id, attack_id, eps, seed);
+CREATE TABLE IF NOT EXISTS attacks (
+    attack_id TEXT NOT NULL,
+    attack_version TEXT NOT NULL,
+    source TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (attack_id, attack_version)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -354,6 +362,15 @@ class Store:
                 connection.execute("DELETE FROM cells WHERE cell_key = ? AND status = 'failed'", (record.cell_key,))
             cursor = connection.execute(f"INSERT OR IGNORE INTO cells ({columns}) VALUES ({marks})", row)
         return cursor.rowcount == 1
+
+    def put_attack(self, attack_id: str, attack_version: str, source: str, spec: Mapping[str, Any]) -> None:
+        """Record an attack's declared properties (family, norm, budget, ...) so the leaderboard can
+        reason about attacks from the database alone."""
+        with self._write() as connection:
+            connection.execute(
+                "INSERT OR IGNORE INTO attacks VALUES (?, ?, ?, ?, ?)",
+                (attack_id, attack_version, source, json.dumps(dict(spec), sort_keys=True), now()),
+            )
 
     # ----------------------------------------------------------------------------- reading
     def training(self, training_key: str) -> sqlite3.Row | None:

@@ -3,6 +3,7 @@ identical results with a fixed seed, and a killed run resumed with nothing lost 
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sqlite3
@@ -55,6 +56,10 @@ def test_run_stores_every_cell_and_writes_the_leaderboard(tiny_run):
     assert {c[9] for c in cells} != {None}
     assert (root / "results" / "leaderboard.md").read_text().count("| standard-v1") == 1
     assert "pgd-at-linf-v1" in (root / "results" / "leaderboard.csv").read_text()
+    connection = sqlite3.connect(db)
+    specs = {row[0]: json.loads(row[1]) for row in connection.execute("SELECT attack_id, spec FROM attacks")}
+    connection.close()
+    assert specs["fgsm-linf-v1"]["budget"]["steps"] == 1 and specs["pgd-linf-v1"]["budget"]["steps"] == 5
     assert re.search(r"\|\s+rank\s+\|\s+defense", result.stdout), "run prints the leaderboard"
 
 
