@@ -1,9 +1,9 @@
 """The plugin passes robustmatrix's checks and its regularizer does what the paper says: a flatter
 loss surface around the data, hence more PGD robustness than plain training at a small eps."""
 
+import gradient_regularization.defense  # noqa: F401  (registers the defense)
 import torch
 
-import gradient_regularization.defense  # noqa: F401  (registers the defense)
 from attacks.base import Victim, predict
 from attacks.pgd import PGD
 from bench.check import FAIL, check_defense, train_on_slice
