@@ -4,6 +4,7 @@ computing only their own cells."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def plugin_venv(tmp_path_factory) -> Path:
     return root / "bin" / "python"
 
 
-def pip_install(python: Path, package: Path) -> None:
+def pip_install(python: Path, package: Path, scratch: Path) -> None:
+    """Install from a copy: setuptools writes build/ and .egg-info/ next to the sources it builds."""
+    package = Path(shutil.copytree(package, scratch / f"build-{package.name}"))
     subprocess.run(
         [
             sys.executable,
@@ -66,7 +69,7 @@ def test_scaffold_installs_and_passes_check_as_generated(tmp_path, plugin_venv):
     assert result.code == 0, result.stderr
     package = tmp_path / "noise-aug"
     assert {p.name for p in package.iterdir()} >= {"pyproject.toml", "noise_aug", "tests", "README.md"}
-    pip_install(plugin_venv, package)
+    pip_install(plugin_venv, package, tmp_path)
     listed = robustmatrix(plugin_venv, "list", "--kind", "defense", "noise-aug-*", cwd=tmp_path)
     assert "noise-aug-v1" in listed.stdout and "noise-aug==0.1.0" in listed.stdout
     checked = robustmatrix(plugin_venv, "check", "noise-aug-v1", "--device", "cpu", cwd=tmp_path)
@@ -91,7 +94,7 @@ def test_example_plugin_adds_one_row_to_an_existing_leaderboard(tmp_path, plugin
     db = tmp_path / "results" / "robustmatrix.db"
     before = _cells(db)
 
-    pip_install(plugin_venv, EXAMPLE)
+    pip_install(plugin_venv, EXAMPLE, tmp_path)
     checked = robustmatrix(plugin_venv, "check", "gradient-regularization-v1", "--device", "cpu", cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
