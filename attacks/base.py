@@ -92,7 +92,12 @@ def input_gradient(
         if eot_samples > 1:
             losses = losses.view(eot_samples, batch).mean(0)
             logits = logits.view(eot_samples, batch, -1).mean(0)
-        (grad,) = torch.autograd.grad(losses.sum(), x)
+        total = losses.sum()
+        # A defense that cuts the graph (quantization, a detach) has no gradient path: report zeros,
+        # which the probes read as masking, instead of crashing the attack.
+        grad = torch.autograd.grad(total, x, allow_unused=True)[0] if total.requires_grad else None
+    if grad is None:
+        grad = torch.zeros_like(x)
     return grad.detach(), losses.detach(), logits.detach()
 
 

@@ -51,6 +51,18 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="re-run cells recorded as failed")
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
+    check = sub.add_parser("check", help="sanity-check a defense or attack (e.g. a plugin) before it enters the matrix")
+    check.add_argument("id", help="a registered defense or attack id")
+    check.add_argument("--dataset", default="digits", help="dataset to check on (default: digits)")
+    check.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
+    check.add_argument("--json", action="store_true", help="machine-readable findings")
+
+    scaffold = sub.add_parser("new-defense", help="write a defense plugin package that passes `check` as generated")
+    scaffold.add_argument("name", help="plugin name, lowercase words joined by '-' (the defense id is NAME-v1)")
+    scaffold.add_argument("--dir", type=Path, default=Path("."), help="parent folder (default: .)")
+
     board = sub.add_parser("leaderboard", help="rebuild the leaderboard from the database alone")
     board.add_argument("--db", type=Path, default=DEFAULT_RESULTS / "robustmatrix.db")
     board.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
@@ -122,6 +134,20 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def _matrix_of_last_run(db_path: Path):  # noqa: ANN202 - MatrixSpec, imported lazily
+    """The matrix that built an existing leaderboard: `run --defense ID` adds a row to *that* table."""
+    from bench.config import spec_from_mapping
+    from bench.store import Store
+
+    if not db_path.exists():
+        return None
+    with Store.open_existing(db_path) as store:
+        row = store.connection.execute("SELECT config FROM runs ORDER BY run_id DESC LIMIT 1").fetchone()
+    if row is None:
+        return None
+    return spec_from_mapping(json.loads(row["config"]), f"the last run recorded in {db_path}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench.config import load_spec
     from bench.device import resolve_device
@@ -134,10 +160,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.workbench import Workbench
     from leaderboard.build import write_leaderboard
 
-    spec = load_spec(args.config, quick=args.quick)
-    device = resolve_device(args.device)
     default_root = DEFAULT_RESULTS / "quick" if args.quick else DEFAULT_RESULTS
     db_path = args.db or default_root / "robustmatrix.db"
+    spec = load_spec(args.config, quick=args.quick)
+    if args.defense and args.config is None:
+        spec = _matrix_of_last_run(db_path) or spec
+    device = resolve_device(args.device)
     out_dir = args.out or default_root
     progress = Progress(enabled=not args.quiet)
     workbench = Workbench(
@@ -176,6 +204,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bench.check import FAIL, check_attack, check_defense
+    from bench.data import load_dataset
+    from bench.device import resolve_device
+    from bench.registry import ATTACKS, DEFENSES
+
+    if args.id in DEFENSES:
+        spec, check = DEFENSES.get(args.id), check_defense
+    elif args.id in ATTACKS:
+        spec, check = ATTACKS.get(args.id), check_attack
+    else:
+        DEFENSES.get(args.id)  # raises with the closest defense ids
+        raise AssertionError("unreachable")
+    device = resolve_device(args.device)
+    data = load_dataset(args.dataset, args.data_dir)
+    findings = check(spec, data, device, args.seed)
+    failed = [f for f in findings if f.status == FAIL]
+    if args.json:
+        print(json.dumps([vars(f) for f in findings], indent=2))
+    else:
+        print(f"robustmatrix check {spec.id} ({spec.source}) on {args.dataset}:")
+        print(tabulate([[f.status.upper(), f.check, f.evidence] for f in findings], tablefmt="plain"))
+        warnings = sum(f.status == "warn" for f in findings)
+        verdict = "FAILED" if failed else "passed"
+        print(f"\n{verdict}: {len(failed)} failure(s), {warnings} warning(s), {len(findings)} checks")
+    return EXIT_FAILED_CELLS if failed else EXIT_OK
+
+
+def _cmd_new_defense(args: argparse.Namespace) -> int:
+    from bench.scaffold import new_defense
+
+    root = new_defense(args.name, args.dir)
+    print(f"wrote {root}/: install it with `pip install {root}`, then `robustmatrix check {args.name}-v1`")
+    return EXIT_OK
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     from leaderboard.build import write_leaderboard
 
@@ -184,13 +250,19 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"list": _cmd_list, "run": _cmd_run, "leaderboard": _cmd_leaderboard}
+COMMANDS = {
+    "list": _cmd_list,
+    "run": _cmd_run,
+    "check": _cmd_check,
+    "new-defense": _cmd_new_defense,
+    "leaderboard": _cmd_leaderboard,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
-        if args.command != "leaderboard":
+        if args.command not in ("leaderboard", "new-defense"):
             _load_components()
         return COMMANDS[args.command](args)
     except RobustMatrixError as exc:

@@ -105,6 +105,8 @@ def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | No
         raise _fail(source, f"unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
     values: dict[str, Any] = {}
     for key, value in raw.items():
+        if value is None:  # only in specs recorded as JSON (TOML has no null): keep the default
+            continue
         if key == "dataset":
             if not isinstance(value, str):
                 raise _fail(source, "'dataset' must be a string")
