@@ -8,7 +8,8 @@ published ones (Madry et al. for MNIST, Rice et al. for CIFAR-10) elsewhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -142,6 +143,25 @@ def train(
         ctx.on_epoch(epoch + 1, epochs, history[-1])
     model.eval()
     return history
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Craft adversarial examples in eval mode — the attack's passes must not update batch-norm
+    statistics or draw dropout masks — and restore the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def transformed(transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``transform`` applied to a whole split once, in chunks, without gradients (for deterministic
+    input transformations: the training set is transformed once instead of every epoch)."""
+    with torch.no_grad():
+        return torch.cat([transform(x[i : i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else x
 
 
 def training_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
