@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from bench.errors import RobustMatrixError
 from bench.registry import register_defense
 from defenses.input_transform import InputTransformDefense, through_numpy
-from defenses.training import with_training_defaults
+from defenses.training import is_count, require, with_training_defaults
 
 KWARGS, DATASET_KWARGS = with_training_defaults({"quality": 50}, {"cifar10": {"quality": 75}})
 
@@ -31,8 +30,9 @@ KWARGS, DATASET_KWARGS = with_training_defaults({"quality": 50}, {"cifar10": {"q
 )
 class ARTJpegCompression(InputTransformDefense):
     def __init__(self, quality: int, **kwargs: Any) -> None:
-        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
-            raise RobustMatrixError(f"art-jpeg: quality must be an integer from 1 to 95, got {quality!r}")
+        require(
+            is_count(quality) and quality <= 95, f"art-jpeg: quality must be an integer from 1 to 95, got {quality!r}"
+        )
         super().__init__(**kwargs)
         from art.defences.preprocessor import JpegCompression
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 
-from bench.errors import RobustMatrixError
 from bench.registry import register_defense
 from defenses.input_transform import InputTransformDefense, through_numpy
-from defenses.training import with_training_defaults
+from defenses.training import is_count, require, with_training_defaults
 
 # Xu et al.: 2x2 on MNIST, 2x2 on CIFAR-10; the 8x8 digits tolerate no more than 2x2 either.
 KWARGS, DATASET_KWARGS = with_training_defaults({"window_size": 2})
@@ -32,8 +31,9 @@ KWARGS, DATASET_KWARGS = with_training_defaults({"window_size": 2})
 )
 class ARTSpatialSmoothing(InputTransformDefense):
     def __init__(self, window_size: int, **kwargs: Any) -> None:
-        if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
-            raise RobustMatrixError(f"art-spatial-smoothing: window_size must be an integer >= 1, got {window_size!r}")
+        require(
+            is_count(window_size), f"art-spatial-smoothing: window_size must be an integer >= 1, got {window_size!r}"
+        )
         super().__init__(**kwargs)
         from art.defences.preprocessor import SpatialSmoothing
 

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 
-from bench.errors import RobustMatrixError
 from bench.registry import register_defense
 from defenses.input_transform import InputTransformDefense
-from defenses.training import with_training_defaults
+from defenses.training import is_count, require, with_training_defaults
 
 
 def quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -44,8 +43,7 @@ KWARGS, DATASET_KWARGS = with_training_defaults(
 )
 class BitDepthReduction(InputTransformDefense):
     def __init__(self, bits: int, **kwargs: Any) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-            raise RobustMatrixError(f"bit-depth: bits must be an integer from 1 to 16, got {bits!r}")
+        require(is_count(bits) and bits <= 16, f"bit-depth: bits must be an integer from 1 to 16, got {bits!r}")
         super().__init__(**kwargs)
         self.bits = bits
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from bench.counting import CountingModel
 from bench.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
-from defenses.training import train, training_kwargs, with_training_defaults
+from defenses.training import is_count, is_number, require, train, training_kwargs, with_training_defaults
 
 
 def reinitialized(model: nn.Module) -> nn.Module:
@@ -64,8 +64,13 @@ class DefensiveDistillation(Defense):
     """``teacher_epochs`` None means as many as the student's ``epochs``."""
 
     def __init__(self, temperature: float, teacher_epochs: int | None, **kwargs: Any) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        require(
+            is_number(temperature) and temperature > 0, f"distillation: temperature must be > 0, got {temperature!r}"
+        )
+        require(
+            teacher_epochs is None or is_count(teacher_epochs),
+            f"distillation: teacher_epochs must be null or an integer >= 1, got {teacher_epochs!r}",
+        )
         self.temperature = float(temperature)
         self.train_kwargs = training_kwargs(kwargs)
         self.teacher_epochs = self.train_kwargs["epochs"] if teacher_epochs is None else int(teacher_epochs)

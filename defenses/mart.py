@@ -21,7 +21,15 @@ from attacks.base import Victim
 from attacks.pgd import PGD
 from bench.registry import TrainingThreat, register_defense
 from defenses.base import Defense, TrainContext, TrainData
-from defenses.training import evaluating, train, training_kwargs, with_training_defaults
+from defenses.training import (
+    check_pgd_kwargs,
+    evaluating,
+    is_number,
+    require,
+    train,
+    training_kwargs,
+    with_training_defaults,
+)
 
 PROBABILITY_FLOOR = 1e-12
 
@@ -63,8 +71,8 @@ KWARGS, DATASET_KWARGS = with_training_defaults(
 )
 class MART(Defense):
     def __init__(self, norm: str, eps: float, steps: int, rel_step: float, beta: float, **kwargs: Any) -> None:
-        if beta < 0:
-            raise ValueError("MART needs beta >= 0")
+        require(is_number(beta) and beta >= 0, f"MART: beta must be >= 0, got {beta!r}")
+        check_pgd_kwargs("MART", norm, eps, steps, rel_step)
         self.attack = PGD(eps, norm=norm, steps=steps, rel_step=rel_step, early_stop=False)
         self.beta = float(beta)
         self.train_kwargs = training_kwargs(kwargs)

@@ -20,7 +20,7 @@ from attacks.base import Victim
 from attacks.pgd import PGD
 from bench.registry import TrainingThreat, register_defense
 from defenses.base import Defense, TrainContext, TrainData
-from defenses.training import evaluating, train, training_kwargs, with_training_defaults
+from defenses.training import check_pgd_kwargs, evaluating, require, train, training_kwargs, with_training_defaults
 
 STRATEGIES = ("max", "avg")
 
@@ -71,8 +71,12 @@ class MultiPerturbationTraining(Defense):
     def __init__(
         self, strategy: str, eps_linf: float, eps_l2: float, steps: int, rel_step: float, **kwargs: Any
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown multi-perturbation strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+        require(
+            strategy in STRATEGIES,
+            f"multi-perturbation training: strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}",
+        )
+        check_pgd_kwargs("multi-perturbation training", "linf", eps_linf, steps, rel_step)
+        check_pgd_kwargs("multi-perturbation training", "l2", eps_l2, steps, rel_step)
         self.strategy = strategy
         self.attacks = [
             PGD(eps_linf, norm="linf", steps=steps, rel_step=rel_step, early_stop=False),

@@ -17,7 +17,7 @@ from attacks.base import Victim
 from attacks.pgd import PGD
 from bench.registry import TrainingThreat, register_defense
 from defenses.base import Defense, TrainContext, TrainData
-from defenses.training import evaluating, train, training_kwargs, with_training_defaults
+from defenses.training import check_pgd_kwargs, evaluating, train, training_kwargs, with_training_defaults
 
 LINF_KWARGS, LINF_DATASET_KWARGS = with_training_defaults(
     {"norm": "linf", "eps": 0.2, "steps": 7, "rel_step": 2.5 / 7},
@@ -58,6 +58,7 @@ L2_KWARGS, L2_DATASET_KWARGS = with_training_defaults(
 )
 class PGDAdversarialTraining(Defense):
     def __init__(self, norm: str, eps: float, steps: int, rel_step: float, **kwargs: Any) -> None:
+        check_pgd_kwargs("PGD training", norm, eps, steps, rel_step)
         self.attack = PGD(eps, norm=norm, steps=steps, rel_step=rel_step, early_stop=False)
         self.train_kwargs = training_kwargs(kwargs)
 

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from bench.errors import RobustMatrixError
 from bench.registry import register_defense
 from defenses.input_transform import InputTransformDefense
-from defenses.training import with_training_defaults
+from defenses.training import is_number, require, with_training_defaults
 
 
 def random_resize_pad(x: torch.Tensor, min_scale: float) -> torch.Tensor:
@@ -51,8 +50,10 @@ KWARGS, DATASET_KWARGS = with_training_defaults(
 )
 class RandomResizePad(InputTransformDefense):
     def __init__(self, min_scale: float, **kwargs: Any) -> None:
-        if not 0 < min_scale <= 1:
-            raise RobustMatrixError(f"random-resize-pad: min_scale must be in (0, 1], got {min_scale!r}")
+        require(
+            is_number(min_scale) and 0 < min_scale <= 1,
+            f"random-resize-pad: min_scale must be in (0, 1], got {min_scale!r}",
+        )
         super().__init__(**kwargs)
         self.min_scale = float(min_scale)
 

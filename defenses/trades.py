@@ -21,7 +21,15 @@ from torch.nn import functional as F
 from attacks.base import clip_to_threat, input_gradient, steepest_ascent
 from bench.registry import TrainingThreat, register_defense
 from defenses.base import Defense, TrainContext, TrainData
-from defenses.training import evaluating, train, training_kwargs, with_training_defaults
+from defenses.training import (
+    check_pgd_kwargs,
+    evaluating,
+    is_number,
+    require,
+    train,
+    training_kwargs,
+    with_training_defaults,
+)
 
 START_SCALE = 0.001
 """TRADES starts its inner maximization at x + 0.001·N(0, I): at x itself the KL gradient is zero."""
@@ -72,8 +80,8 @@ KWARGS, DATASET_KWARGS = with_training_defaults(
 )
 class TRADES(Defense):
     def __init__(self, norm: str, eps: float, steps: int, rel_step: float, beta: float, **kwargs: Any) -> None:
-        if eps <= 0 or steps < 1 or rel_step <= 0 or beta < 0:
-            raise ValueError("TRADES needs eps > 0, steps >= 1, rel_step > 0 and beta >= 0")
+        require(is_number(beta) and beta >= 0, f"TRADES: beta must be >= 0, got {beta!r}")
+        check_pgd_kwargs("TRADES", norm, eps, steps, rel_step)
         self.norm = norm
         self.eps = float(eps)
         self.steps = int(steps)
