@@ -67,7 +67,8 @@ def test_training_cost_counts_every_pass(defense_id, trained):
     record = trained[defense_id]
     forwards, backwards = _expected_passes(defense_id, record.kwargs)
     assert (record.forwards, record.backwards) == (forwards * N_TRAIN, backwards * N_TRAIN)
-    assert record.wall_time > 0 and record.epochs == 1
+    # the epochs actually run: a distilled student's record includes its teacher's
+    assert record.wall_time > 0 and record.epochs == (2 if defense_id == "distillation-v1" else 1)
 
 
 @pytest.mark.parametrize("defense_id", ALL_DEFENSES)
