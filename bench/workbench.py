@@ -138,8 +138,10 @@ class Workbench:
         data = self.data
         train_data = TrainData(data.x_train.to(self.device), data.y_train.to(self.device), data.num_classes, data.name)
         counter = PassCounter()
+        epochs_done = [0]  # as the defense reports them: a distilled student's count includes its teacher's
 
         def on_epoch(epoch: int, epochs: int, loss: float) -> None:
+            epochs_done[0] = max(epochs_done[0], epoch)
             if not math.isfinite(loss):
                 raise RobustMatrixError(f"training {job.defense_id} diverged: loss {loss} at epoch {epoch}")
             if self.on_epoch is not None:
@@ -149,7 +151,7 @@ class Workbench:
         start = time.perf_counter()
         defense.fit(model, train_data, ctx)
         meta = {
-            "epochs": int(job.kwargs.get("epochs", 0)),
+            "epochs": epochs_done[0] or int(job.kwargs.get("epochs", 0)),
             "wall_time": time.perf_counter() - start,
             "forwards": counter.forwards,
             "backwards": counter.backwards,

@@ -8,7 +8,8 @@ published ones (Madry et al. for MNIST, Rice et al. for CIFAR-10) elsewhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.counting import CountingModel
+from bench.errors import RobustMatrixError
 from defenses.base import TrainContext, TrainData
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -144,6 +146,61 @@ def train(
     return history
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Craft adversarial examples in eval mode — the attack's passes must not update batch-norm
+    statistics or draw dropout masks — and restore the model's previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def transformed(transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``transform`` applied to a whole split once, in chunks, without gradients (for deterministic
+    input transformations: the training set is transformed once instead of every epoch)."""
+    with torch.no_grad():
+        return torch.cat([transform(x[i : i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else x
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_count(value: Any, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def require(condition: bool, message: str) -> None:
+    """Reject a bad defense kwarg when the defense is built, as a one-line user error."""
+    if not condition:
+        raise RobustMatrixError(message)
+
+
+def check_pgd_kwargs(name: str, norm: str, eps: float, steps: int, rel_step: float) -> None:
+    """The inner-maximization kwargs adversarial training defenses share."""
+    require(norm in ("linf", "l2"), f"{name}: norm must be linf or l2, got {norm!r}")
+    require(is_number(eps) and eps > 0, f"{name}: eps must be a number > 0, got {eps!r}")
+    require(is_count(steps), f"{name}: steps must be an integer >= 1, got {steps!r}")
+    require(is_number(rel_step) and rel_step > 0, f"{name}: rel_step must be a number > 0, got {rel_step!r}")
+
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine", "piecewise", "cyclic")
+
+
 def training_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The subset of a defense's kwargs that the loop itself takes."""
-    return {key: kwargs[key] for key in TRAINING_KWARGS}
+    """The subset of a defense's kwargs that the loop itself takes, checked before any training."""
+    loop = {key: kwargs[key] for key in TRAINING_KWARGS}
+    require(
+        loop["optimizer"] in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {loop['optimizer']!r}"
+    )
+    require(loop["schedule"] in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {loop['schedule']!r}")
+    for key in ("epochs", "batch_size"):
+        require(is_count(loop[key]), f"{key} must be an integer >= 1, got {loop[key]!r}")
+    for key in ("lr", "momentum", "weight_decay"):
+        require(is_number(loop[key]) and loop[key] >= 0, f"{key} must be a number >= 0, got {loop[key]!r}")
+    require(isinstance(loop["augment"], bool), f"augment must be true or false, got {loop['augment']!r}")
+    return loop
