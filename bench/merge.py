@@ -7,8 +7,8 @@ Every result is keyed by a digest of what determines it, so merging is a union b
   the other way round;
 - a key it holds with a *different* result is a conflict: reported, never overwritten.
 
-Runs are copied once (matched on their start time, kind, config, commit and device), with the cells
-they covered. Checkpoint files found beside a source are copied beside the target, so the merged
+Runs are copied once (matched on everything recorded about them and the cells they covered), with
+the cells they covered. Checkpoint files found beside a source are copied beside the target, so the merged
 folder resumes without retraining. Each source is merged in one transaction.
 """
 
@@ -28,7 +28,6 @@ from bench.store import Store
 VOLATILE = {"created_at", "wall_time", "device", "versions", "error"}
 """Columns that describe how a result was produced, not what it is: never a conflict."""
 KEYS = {"trainings": "training_key", "evaluations": "eval_key", "cells": "cell_key"}
-RUN_IDENTITY = ("kind", "started_at", "config", "git_commit", "device")
 
 
 @dataclass(frozen=True)
@@ -142,22 +141,27 @@ def _merge_failures(target: sqlite3.Connection, source: sqlite3.Connection, repo
 
 
 def _merge_runs(target: sqlite3.Connection, source: sqlite3.Connection, report: MergeReport) -> None:
+    """Copy each run once: a run is the same run when everything recorded about it matches,
+    including the set of cells it covered (two shards may start in the same second)."""
     columns = [c for c in _columns(target, "runs") if c != "run_id"]
-    match = " AND ".join(f"{c} IS ?" for c in RUN_IDENTITY)
     for row in _rows(source, "SELECT * FROM runs ORDER BY run_id"):
-        found = target.execute(f"SELECT run_id FROM runs WHERE {match}", [row[c] for c in RUN_IDENTITY]).fetchone()
-        if found is None:
-            shared = [c for c in columns if c in row]
+        keys = sorted(r[0] for r in source.execute("SELECT cell_key FROM run_cells WHERE run_id = ?", (row["run_id"],)))
+        shared = [c for c in columns if c in row]
+        match = " AND ".join(f"{c} IS ?" for c in shared)
+        run_id = None
+        for (candidate,) in target.execute(f"SELECT run_id FROM runs WHERE {match}", [row[c] for c in shared]):
+            covered = target.execute("SELECT cell_key FROM run_cells WHERE run_id = ? ORDER BY cell_key", (candidate,))
+            if [r[0] for r in covered] == keys:
+                run_id = candidate
+                break
+        if run_id is None:
             cursor = target.execute(
                 f"INSERT INTO runs ({', '.join(shared)}) VALUES ({', '.join('?' * len(shared))})",
                 [row[c] for c in shared],
             )
             run_id = cursor.lastrowid
             report.added["runs"] += 1
-        else:
-            run_id = found[0]
-        keys = [r[0] for r in source.execute("SELECT cell_key FROM run_cells WHERE run_id = ?", (row["run_id"],))]
-        target.executemany("INSERT OR IGNORE INTO run_cells VALUES (?, ?)", [(run_id, k) for k in keys])
+            target.executemany("INSERT INTO run_cells VALUES (?, ?)", [(run_id, k) for k in keys])
         snapshot = source.execute("SELECT snapshot FROM nightly WHERE run_id = ?", (row["run_id"],)).fetchone()
         if snapshot is not None:
             target.execute("INSERT OR IGNORE INTO nightly VALUES (?, ?)", (run_id, snapshot[0]))
