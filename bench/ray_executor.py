@@ -81,28 +81,30 @@ class WorkerSettings:
 # ----------------------------------------------------------------------------- worker side
 _WORKBENCHES: dict[WorkerSettings, Workbench] = {}
 _VERSIONS: dict[str, str] = {}
-_COMPONENTS_LOADED = False
+_IMPORTED: set[str] = set()
 
 
 def _load_components(modules: tuple[str, ...]) -> None:
-    global _COMPONENTS_LOADED
-    if _COMPONENTS_LOADED:
-        return
+    """Built-ins and plugins once per process, then any module of this matrix not yet imported
+    (a worker process serves many drivers' runs in turn)."""
     from bench.registry import load_builtins, load_plugins
 
-    load_builtins()
-    load_plugins()  # failures were reported by the driver
+    if not _IMPORTED:
+        load_builtins()
+        load_plugins()  # failures were reported by the driver
+        _IMPORTED.add("")
     for name in modules:
-        importlib.import_module(name)
-    _COMPONENTS_LOADED = True
+        if name not in _IMPORTED:
+            importlib.import_module(name)
+            _IMPORTED.add(name)
 
 
 def _workbench(settings: WorkerSettings) -> Workbench:
+    _load_components(settings.modules)
     bench = _WORKBENCHES.get(settings)
     if bench is None:
         import torch
 
-        _load_components(settings.modules)
         torch.set_num_threads(settings.threads)
         cache = Path(settings.checkpoint_cache or Path(tempfile.gettempdir()) / "robustmatrix-ray" / "checkpoints")
         bench = Workbench(settings.dataset, torch.device(settings.device), cache, settings.data_dir, settings.download)
