@@ -141,7 +141,7 @@ def test_failing_cells_are_recorded_with_their_reason_and_retried_alone(tmp_path
             tmp_path,
             ["standard-v1", "nan-outputs-v1"],
             ["fgsm-linf-v1", "raising-linf-v1", "nan-linf-v1", "stuck-linf-v1"],
-            extra="cell_timeout = 3",
+            extra="cell_timeout = 2",
         )
         db = tmp_path / "results" / "robustmatrix.db"
         first = run_cli("run", "--config", str(config), "--quiet", cwd=tmp_path)
@@ -160,7 +160,7 @@ def test_failing_cells_are_recorded_with_their_reason_and_retried_alone(tmp_path
             status, error, _ = cells[("nan-linf-v1", eps)]
             assert status == "failed" and "NaN/inf in the attack's adversarial examples (" in error
             status, error, wall_time = cells[("stuck-linf-v1", eps)]
-            assert status == "failed" and error == "timeout: cell exceeded its time budget of 3 s"
+            assert status == "failed" and error == "timeout: cell exceeded its time budget of 2 s"
             assert wall_time < 60, "the budget must stop the attack inside its batch, not after it"
         assert _rows(db, "SELECT defense_id FROM cells WHERE defense_id = 'nan-outputs-v1'") == []
         assert _rows(db, "SELECT kind, error FROM failures") == [
