@@ -123,19 +123,19 @@ def run_matrix(
     data = load_dataset(spec.dataset, data_dir, download)
     if only_defenses:
         DEFENSES.select(only_defenses)
+    runner = Runner(spec, data, None, progress, retry_failed)
     executor, device = make_executor(options, spec, db_path, data_dir, download, progress)
-    with executor:
-        runner = Runner(spec, data, executor, progress, retry_failed)
-        with Store.open(db_path) as store:
-            run_id = store.start_run(kind, spec.to_dict(), device, versions(), git_commit)
-            try:
-                summary = runner.run(store, only_defenses, shard)
-            except BaseException:
-                partial: RunSummary | None = getattr(runner, "_summary", None)
-                if partial is not None:
-                    store.link_run_cells(run_id, partial.cell_keys)
-                store.finish_run(run_id, "interrupted", partial.computed if partial else 0, 0)
-                raise
-            store.link_run_cells(run_id, summary.cell_keys)
-            store.finish_run(run_id, "ok" if summary.ok else "failed", summary.computed, len(summary.failed))
+    runner.executor = executor
+    with executor, Store.open(db_path) as store:
+        run_id = store.start_run(kind, spec.to_dict(), device, versions(), git_commit)
+        try:
+            summary = runner.run(store, only_defenses, shard)
+        except BaseException:
+            partial: RunSummary | None = getattr(runner, "_summary", None)
+            if partial is not None:
+                store.link_run_cells(run_id, partial.cell_keys)
+            store.finish_run(run_id, "interrupted", partial.computed if partial else 0, 0)
+            raise
+        store.link_run_cells(run_id, summary.cell_keys)
+        store.finish_run(run_id, "ok" if summary.ok else "failed", summary.computed, len(summary.failed))
     return RunResult(run_id, summary, device)

@@ -95,11 +95,12 @@ class Runner:
         self,
         spec: MatrixSpec,
         dataset: Dataset,
-        executor: Executor,
+        executor: Executor | None,
         progress: Progress | None = None,
         retry_failed: bool = False,
     ) -> None:
-        """Resolve and validate the whole matrix up front, so bad input fails before any work."""
+        """Resolve and validate the whole matrix up front, so bad input fails before any work (the
+        executor may be attached afterwards, so a cluster is not started for a matrix with a typo)."""
         self.spec = spec
         self.executor = executor
         self.fingerprint = dataset.fingerprint()
@@ -209,6 +210,8 @@ class Runner:
         its cells are planned as soon as it is evaluated (and its seed's surrogate is trained), so a
         slow training holds up only its own cells. A training or evaluation that fails is recorded
         and costs only that defense's cells; a failed cell costs only itself."""
+        if self.executor is None:
+            raise RuntimeError("Runner.run needs an executor")
         self.store = store
         self._summary = RunSummary()
         self._shard = shard

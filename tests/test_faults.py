@@ -222,3 +222,17 @@ def test_editing_a_components_code_reruns_its_cells_and_nothing_else(tmp_path):
         assert _computed(after_defense.stderr) == (1, 4), after_defense.stderr
         per_defense = dict(_rows(db, "SELECT defense_id, count(DISTINCT training_key) FROM trainings GROUP BY 1"))
         assert per_defense == {"standard-v1": 1, "tweak-defense-v1": 2}
+
+
+def test_a_database_written_before_the_operations_tables_gains_them_on_open(tmp_path):
+    from bench.store import Store
+
+    db = tmp_path / "old.db"
+    Store.open(db).close()
+    connection = sqlite3.connect(db)
+    connection.executescript("DROP TABLE failures; DROP TABLE run_cells; DROP TABLE nightly;")
+    connection.close()
+    with Store.open_existing(db) as store:
+        store.put_failure("k" * 32, "training", "standard-v1", "digits", 0, "boom")
+        store.link_run_cells(store.start_run("run", {}, "cpu", {}, None), ["c" * 32])
+        assert store.failure("k" * 32)["error"] == "boom"
