@@ -48,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--defense", action="append", metavar="ID", help="only these defenses (repeatable)")
     run.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
     run.add_argument("--no-download", action="store_true", help="never download dataset files")
-    run.add_argument("--retry-failed", action="store_true", help="re-run cells recorded as failed")
+    run.add_argument("--retry-failed", action="store_true", help="re-run failed cells, trainings, evaluations")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     _add_execution_arguments(run)
     run.add_argument("--shard", metavar="I/N", help="run only slice I of N of the cells (for Slurm array jobs)")
@@ -65,7 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     nightly.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
     nightly.add_argument("--no-download", action="store_true", help="never download dataset files")
-    nightly.add_argument("--retry-failed", action="store_true", help="re-run cells recorded as failed")
+    nightly.add_argument("--retry-failed", action="store_true", help="re-run failed cells, trainings, evaluations")
     nightly.add_argument("--quiet", action="store_true", help="no progress output")
     nightly.add_argument(
         "--max-slowdown", type=float, default=1.5, help="flag an attack this many times slower per example"
