@@ -48,8 +48,29 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--defense", action="append", metavar="ID", help="only these defenses (repeatable)")
     run.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
     run.add_argument("--no-download", action="store_true", help="never download dataset files")
-    run.add_argument("--retry-failed", action="store_true", help="re-run cells recorded as failed")
+    run.add_argument("--retry-failed", action="store_true", help="re-run failed cells, trainings, evaluations")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_execution_arguments(run)
+    run.add_argument("--shard", metavar="I/N", help="run only slice I of N of the cells (for Slurm array jobs)")
+
+    merge = sub.add_parser("merge", help="combine databases (e.g. of shards) into one, idempotently")
+    merge.add_argument("sources", nargs="+", type=Path, metavar="DB", help="databases to merge")
+    merge.add_argument("--into", type=Path, required=True, help="the combined database (created if missing)")
+
+    nightly = sub.add_parser("nightly", help="run the matrix and report what changed since the last nightly run")
+    nightly.add_argument("--config", type=Path, help="matrix spec (TOML); default: the built-in matrix")
+    nightly.add_argument("--quick", action="store_true", help="the quick preset")
+    nightly.add_argument("--db", type=Path, default=DEFAULT_RESULTS / "robustmatrix.db", help="results database")
+    nightly.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "nightly", help="report folder")
+    nightly.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    nightly.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
+    nightly.add_argument("--no-download", action="store_true", help="never download dataset files")
+    nightly.add_argument("--retry-failed", action="store_true", help="re-run failed cells, trainings, evaluations")
+    nightly.add_argument("--quiet", action="store_true", help="no progress output")
+    nightly.add_argument(
+        "--max-slowdown", type=float, default=1.5, help="flag an attack this many times slower per example"
+    )
+    _add_execution_arguments(nightly)
 
     check = sub.add_parser("check", help="sanity-check a defense or attack (e.g. a plugin) before it enters the matrix")
     check.add_argument("id", help="a registered defense or attack id")
@@ -67,6 +88,34 @@ def _build_parser() -> argparse.ArgumentParser:
     board.add_argument("--db", type=Path, default=DEFAULT_RESULTS / "robustmatrix.db")
     board.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
     return parser
+
+
+def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=["local", "ray"], default="local", help="where jobs run")
+    parser.add_argument("--address", help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: local")
+    parser.add_argument("--cpus-per-task", type=int, default=1, help="Ray: CPUs (torch threads) per task")
+    parser.add_argument("--gpus-per-task", type=float, default=1.0, help="Ray: GPUs per cell (a fraction shares)")
+    parser.add_argument("--gpus-per-training", type=float, default=1.0, help="Ray: GPUs per training task")
+
+
+def _execution_options(args: argparse.Namespace):  # noqa: ANN202 - ExecutionOptions, imported lazily
+    from bench.launch import ExecutionOptions
+
+    return ExecutionOptions(
+        executor=args.executor,
+        address=args.address,
+        device=args.device,
+        cpus_per_task=args.cpus_per_task,
+        gpus_per_task=args.gpus_per_task,
+        gpus_per_training=args.gpus_per_training,
+    )
+
+
+def _print_failures(failed: list[tuple[str, str]]) -> None:
+    print(f"robustmatrix: {len(failed)} failure(s); everything else completed:", file=sys.stderr)
+    for label, reason in failed:
+        print(f"  {label}: {reason}", file=sys.stderr)
+    print("re-run only these with --retry-failed", file=sys.stderr)
 
 
 def _load_components() -> None:
@@ -150,14 +199,9 @@ def _matrix_of_last_run(db_path: Path):  # noqa: ANN202 - MatrixSpec, imported l
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bench.config import load_spec
-    from bench.device import resolve_device
-    from bench.executor import LocalExecutor
-    from bench.keys import versions
+    from bench.launch import run_matrix
     from bench.progress import Progress
-    from bench.registry import DEFENSES
-    from bench.runner import Runner, checkpoint_dir
-    from bench.store import Store
-    from bench.workbench import Workbench
+    from bench.shard import Shard
     from leaderboard.build import write_leaderboard
 
     default_root = DEFAULT_RESULTS / "quick" if args.quick else DEFAULT_RESULTS
@@ -165,41 +209,83 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, quick=args.quick)
     if args.defense and args.config is None:
         spec = _matrix_of_last_run(db_path) or spec
-    device = resolve_device(args.device)
+    shard = Shard.parse(args.shard) if args.shard else None
+    options = _execution_options(args)
     out_dir = args.out or default_root
-    progress = Progress(enabled=not args.quiet)
-    workbench = Workbench(
-        spec.dataset,
-        device,
-        checkpoint_dir(db_path),
+    result = run_matrix(
+        spec,
+        db_path,
+        options,
         data_dir=args.data_dir or spec.data_dir,
         download=spec.download and not args.no_download,
-        on_epoch=progress.epoch,
-        on_batch=progress.batch,
+        retry_failed=args.retry_failed,
+        only_defenses=args.defense,
+        shard=shard,
+        progress=Progress(enabled=not args.quiet),
+        git_commit=_git_commit(),
     )
-    runner = Runner(spec, workbench.data, LocalExecutor(workbench), progress, args.retry_failed)
-    if args.defense:
-        DEFENSES.select(args.defense)
-    with Store.open(db_path) as store:
-        run_id = store.start_run("run", spec.to_dict(), str(device), versions(), _git_commit())
-        try:
-            summary = runner.run(store, args.defense)
-        except BaseException:
-            store.finish_run(run_id, "interrupted", 0, 0)
-            raise
-        store.finish_run(run_id, "ok" if summary.ok else "failed", summary.computed, len(summary.failed))
-    written = write_leaderboard(db_path, out_dir)
-    print(written[0].read_text())
+    summary = result.summary
+    if shard is None:
+        written = write_leaderboard(db_path, out_dir)
+        print(written[0].read_text())
+        where = f"leaderboard in {out_dir}/"
+    else:
+        where = f"shard {shard}; merge the shards with `robustmatrix merge ... --into DB`"
     print(
         f"{summary.trained} defenses trained, {summary.computed} cells computed, {summary.skipped} already in "
-        f"{db_path}; leaderboard in {out_dir}/",
+        f"{db_path}; {where}",
         file=sys.stderr,
     )
     if summary.failed:
-        print(f"robustmatrix: {len(summary.failed)} cell(s) failed:", file=sys.stderr)
-        for label, reason in summary.failed:
-            print(f"  {label}: {reason}", file=sys.stderr)
-        print("re-run them with --retry-failed", file=sys.stderr)
+        _print_failures(summary.failed)
+        return EXIT_FAILED_CELLS
+    return EXIT_OK
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from bench.merge import merge_databases
+
+    report = merge_databases(list(args.sources), args.into)
+    print(f"merged {len(args.sources)} database(s) into {args.into}: {report.summary()}")
+    if report.conflicts:
+        print(f"robustmatrix: {len(report.conflicts)} conflict(s) kept as they were in {args.into}:", file=sys.stderr)
+        for conflict in report.conflicts:
+            print(f"  {conflict.describe()}", file=sys.stderr)
+        return EXIT_FAILED_CELLS
+    return EXIT_OK
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    from bench.config import load_spec
+    from bench.launch import run_matrix
+    from bench.nightly import record_and_report
+    from bench.progress import Progress
+    from bench.store import Store
+    from leaderboard.build import write_leaderboard
+
+    if not args.max_slowdown > 1:
+        raise RobustMatrixError(f"--max-slowdown must be greater than 1, got {args.max_slowdown}")
+    spec = load_spec(args.config, quick=args.quick)
+    result = run_matrix(
+        spec,
+        args.db,
+        _execution_options(args),
+        kind="nightly",
+        data_dir=args.data_dir or spec.data_dir,
+        download=spec.download and not args.no_download,
+        retry_failed=args.retry_failed,
+        progress=Progress(enabled=not args.quiet),
+        git_commit=_git_commit(),
+    )
+    with Store.open_existing(args.db) as store:
+        report, written = record_and_report(store, result.run_id, result.summary, args.out, args.max_slowdown)
+    written += write_leaderboard(args.db, args.out)
+    print(written[0].read_text())
+    print(f"nightly report: {', '.join(str(p) for p in written)}", file=sys.stderr)
+    if result.summary.failed:
+        _print_failures(result.summary.failed)
+    if report["regressed"]:
+        print("robustmatrix: nightly regressions: " + "; ".join(report["reasons"]), file=sys.stderr)
         return EXIT_FAILED_CELLS
     return EXIT_OK
 
@@ -255,6 +341,8 @@ COMMANDS = {
     "run": _cmd_run,
     "check": _cmd_check,
     "new-defense": _cmd_new_defense,
+    "merge": _cmd_merge,
+    "nightly": _cmd_nightly,
     "leaderboard": _cmd_leaderboard,
 }
 
@@ -262,7 +350,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
-        if args.command not in ("leaderboard", "new-defense"):
+        if args.command not in ("leaderboard", "merge", "new-defense"):
             _load_components()
         return COMMANDS[args.command](args)
     except RobustMatrixError as exc:

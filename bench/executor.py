@@ -1,45 +1,103 @@
-"""Executors run jobs and hand back records as they finish; only the driver writes the database.
+"""Executors run jobs and hand back their outcomes as they finish; only the driver writes the database.
 
-``LocalExecutor`` runs everything in this process, in order. A distributed executor implements the
-same three methods (yielding records in completion order) and nothing else changes.
+The runner submits jobs as soon as they can run — a defense's evaluation when its checkpoint
+exists, its cells when it is evaluated — and takes outcomes back one at a time with
+``next_finished``, writing each to the database before asking for the next. An executor never
+raises for a job's own failure: a cell that fails comes back as a failed ``CellRecord``, a training
+or evaluation that fails as a :class:`JobFailure`, so one broken defense costs only its own cells.
+
+``LocalExecutor`` runs jobs in this process, one at a time, depth first (cells before evaluations
+before trainings), so results appear early. ``bench.ray_executor.RayExecutor`` runs them as Ray tasks.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from bench.jobs import CellJob, EvaluationJob, TrainingJob
 from bench.store import CellRecord, EvaluationRecord, TrainingRecord
-from bench.workbench import Workbench
+from bench.workbench import Workbench, failure_reason
+
+Job = TrainingJob | EvaluationJob | CellJob
+Outcome = TrainingRecord | EvaluationRecord | CellRecord
+
+
+@dataclass(frozen=True)
+class JobFailure:
+    """A training or evaluation that raised: the runner records it and skips that defense's cells."""
+
+    job: TrainingJob | EvaluationJob
+    error: str
+
+    @property
+    def kind(self) -> str:
+        return "training" if isinstance(self.job, TrainingJob) else "evaluation"
+
+    @property
+    def training(self) -> TrainingJob:
+        return self.job if isinstance(self.job, TrainingJob) else self.job.training
+
+
+def run_job(workbench: Workbench, job: Job) -> Outcome | JobFailure:
+    """Run one job on a workbench; a failing training or evaluation becomes a JobFailure
+    (a cell turns its own failures into a failed record)."""
+    if isinstance(job, CellJob):
+        return workbench.run_cell(job)
+    try:
+        return workbench.train(job) if isinstance(job, TrainingJob) else workbench.evaluate(job)
+    except Exception as exc:  # noqa: BLE001 - recorded with its reason; other defenses go on
+        return JobFailure(job, failure_reason(exc))
 
 
 class Executor(ABC):
     @abstractmethod
-    def train(self, jobs: Iterable[TrainingJob]) -> Iterator[TrainingRecord]: ...
+    def submit(self, job: Job) -> None:
+        """Queue a job; its outcome comes back from :meth:`next_finished`."""
 
     @abstractmethod
-    def evaluate(self, jobs: Iterable[EvaluationJob]) -> Iterator[EvaluationRecord]: ...
+    def pending(self) -> int:
+        """Jobs submitted whose outcome has not been handed back yet."""
 
     @abstractmethod
-    def run_cells(self, jobs: Iterable[CellJob]) -> Iterator[CellRecord]: ...
+    def next_finished(self) -> Outcome | JobFailure:
+        """Block until a submitted job finishes and return its outcome (in completion order)."""
+
+    def run_all(self, jobs: Iterable[Job]) -> Iterator[Outcome | JobFailure]:
+        """Submit ``jobs`` and yield every outcome as it finishes (for callers without dependencies)."""
+        for job in jobs:
+            self.submit(job)
+        while self.pending():
+            yield self.next_finished()
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op unless an executor holds workers
         """Release workers (nothing to do for the local executor)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+PRIORITY = {CellJob: 0, EvaluationJob: 1, TrainingJob: 2}
 
 
 class LocalExecutor(Executor):
     def __init__(self, workbench: Workbench) -> None:
         self.workbench = workbench
+        self._queue: list[tuple[int, int, Job]] = []
+        self._order = itertools.count()
 
-    def train(self, jobs: Iterable[TrainingJob]) -> Iterator[TrainingRecord]:
-        for job in jobs:
-            yield self.workbench.train(job)
+    def submit(self, job: Job) -> None:
+        heapq.heappush(self._queue, (PRIORITY[type(job)], next(self._order), job))
 
-    def evaluate(self, jobs: Iterable[EvaluationJob]) -> Iterator[EvaluationRecord]:
-        for job in jobs:
-            yield self.workbench.evaluate(job)
+    def pending(self) -> int:
+        return len(self._queue)
 
-    def run_cells(self, jobs: Iterable[CellJob]) -> Iterator[CellRecord]:
-        for job in jobs:
-            yield self.workbench.run_cell(job)
+    def next_finished(self) -> Outcome | JobFailure:
+        _, _, job = heapq.heappop(self._queue)
+        return run_job(self.workbench, job)

@@ -65,6 +65,14 @@ class Progress:
     def start_cells(self, total: int) -> None:
         self._bar("cells", total, "matrix cells", 0, True)
 
+    def more_cells(self, count: int) -> None:
+        """Cells are planned per defense as it becomes ready: grow the bar's total."""
+        current = self._bars.get("cells")
+        if current is not None and count:
+            bar = current[1]
+            bar.total = (bar.total or 0) + count
+            bar.refresh()
+
     def cell_done(self, label: str, outcome: str) -> None:
         current = self._bars.get("cells")
         if current is not None:

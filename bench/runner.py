@@ -1,9 +1,10 @@
 """The runner: turns a matrix spec into jobs, skips what the database already holds, and stores each
 result the moment an executor hands it back.
 
-Order of work: train every defense (or reuse its checkpoint), evaluate each clean and observe its
+Order of work, per defense: train it (or reuse its checkpoint), evaluate it clean and observe its
 behaviour, then pair it with every attack that applies — the standard ones always, adaptive ones
-when the defense declares or is observed to need them — at every eps of the attack's norm.
+when the defense declares or is observed to need them — at every eps of the attack's norm. Each step
+is submitted to the executor the moment its inputs exist, so defenses proceed independently.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import bench.models
 from bench.config import MatrixSpec
 from bench.data import Dataset
 from bench.errors import RobustMatrixError
-from bench.executor import Executor
+from bench.executor import Executor, JobFailure
 from bench.jobs import CellJob, EvaluationJob, TrainingJob
 from bench.keys import digest
 from bench.models import architecture_name
 from bench.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
 from bench.progress import Progress
 from bench.registry import ATTACKS, DEFENSES, AttackSpec, DefenseSpec, Registry
-from bench.store import Store
+from bench.shard import Shard
+from bench.store import CellRecord, EvaluationRecord, Store, TrainingRecord
+from bench.workbench import failed_cell
 
 SURROGATE_DEFENSE = "standard-v1"
 WILDCARD = set("*?[")
@@ -41,7 +44,11 @@ class RunSummary:
     computed: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    """(what, why) for every failed cell and every defense whose training or evaluation failed."""
     notes: list[str] = field(default_factory=list)
+    cell_keys: list[str] = field(default_factory=list)
+    """Every cell the run covered: computed now, found stored, or failed."""
+    computed_keys: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -88,11 +95,12 @@ class Runner:
         self,
         spec: MatrixSpec,
         dataset: Dataset,
-        executor: Executor,
+        executor: Executor | None,
         progress: Progress | None = None,
         retry_failed: bool = False,
     ) -> None:
-        """Resolve and validate the whole matrix up front, so bad input fails before any work."""
+        """Resolve and validate the whole matrix up front, so bad input fails before any work (the
+        executor may be attached afterwards, so a cluster is not started for a matrix with a typo)."""
         self.spec = spec
         self.executor = executor
         self.fingerprint = dataset.fingerprint()
@@ -194,69 +202,185 @@ class Runner:
         return jobs
 
     # -------------------------------------------------------------------------------- run
-    def run(self, store: Store, only_defenses: list[str] | None = None) -> RunSummary:
-        """Compute what ``store`` lacks (for ``only_defenses``, if given) and store it as it finishes."""
+    def run(self, store: Store, only_defenses: list[str] | None = None, shard: Shard | None = None) -> RunSummary:
+        """Compute what ``store`` lacks (for ``only_defenses`` and this ``shard``'s cells, if given)
+        and store each result the moment the executor hands it back.
+
+        Work is pipelined by dependency: a defense is evaluated as soon as its checkpoint exists, and
+        its cells are planned as soon as it is evaluated (and its seed's surrogate is trained), so a
+        slow training holds up only its own cells. A training or evaluation that fails is recorded
+        and costs only that defense's cells; a failed cell costs only itself."""
+        if self.executor is None:
+            raise RuntimeError("Runner.run needs an executor")
         self.store = store
-        summary = RunSummary()
+        self._summary = RunSummary()
+        self._shard = shard
+        self._record_attacks()
+        chosen = DEFENSES.select(only_defenses) if only_defenses else self.defenses
+        trainings = [self.training_job(d, seed) for seed in self.spec.seeds for d in chosen]
+        self._surrogates: dict[int, TrainingJob] = {}
+        if any(a.needs_surrogate for a in self.attacks):
+            standard = DEFENSES.get(SURROGATE_DEFENSE)
+            self._surrogates = {seed: self.training_job(standard, seed) for seed in self.spec.seeds}  # type: ignore[arg-type]
+        self._defense_keys = {job.training_key for job in trainings}
+        self._in_flight: dict[str, TrainingJob | EvaluationJob] = {}
+        self._labels: dict[str, str] = {}
+        self._ready: set[str] = set()
+        self._unusable_trainings: dict[str, str] = {}
+        self._waiting_for_surrogate: dict[int, list[tuple[TrainingJob, Mapping[str, Any]]]] = {}
+        self.progress.start_cells(0)
+        needed = list({job.training_key: job for job in [*self._surrogates.values(), *trainings]}.values())
+        for job in shard.rotate(needed) if shard else needed:
+            self._start_training(job)
+        while self.executor.pending():
+            self._handle(self.executor.next_finished())
+        self.progress.close()
+        return self._summary
+
+    def _record_attacks(self) -> None:
         for attack in self.attacks:
             described = attack.describe(self.spec.dataset)
             described["kwargs"] = self.attack_kwargs[attack.id]
             described["budget"] = vars(attack.budget(self.attack_kwargs[attack.id]))
-            store.put_attack(attack.id, self.attack_versions[attack.id], attack.source, described)
-        chosen = DEFENSES.select(only_defenses) if only_defenses else self.defenses
-        trainings = [self.training_job(d, seed) for seed in self.spec.seeds for d in chosen]
-        surrogates: dict[int, TrainingJob] = {}
-        if any(a.needs_surrogate for a in self.attacks):
-            standard = DEFENSES.get(SURROGATE_DEFENSE)
-            surrogates = {seed: self.training_job(standard, seed) for seed in self.spec.seeds}  # type: ignore[arg-type]
-        needed = {job.training_key: job for job in [*trainings, *surrogates.values()]}
+            self.store.put_attack(attack.id, self.attack_versions[attack.id], attack.source, described)
 
-        missing = [job for job in needed.values() if not self._checkpoint_ready(job)]
-        for record in self.executor.train(missing):
-            self.store.put_training(record)
-            summary.trained += 1
+    def _handle(self, outcome: TrainingRecord | EvaluationRecord | CellRecord | JobFailure) -> None:
+        if isinstance(outcome, JobFailure):
+            self._job_failed(outcome.job, outcome.error)
+        elif isinstance(outcome, TrainingRecord):
+            self._training_finished(outcome)
+        elif isinstance(outcome, EvaluationRecord):
+            self._evaluation_finished(outcome)
+        else:
+            self._cell_finished(outcome)
 
-        evaluations: dict[str, Mapping[str, Any]] = {}
-        todo = []
-        for job in trainings:
-            evaluation = self.evaluation_job(job)
-            row = self.store.evaluation(evaluation.eval_key)
-            if row is None:
-                todo.append(evaluation)
-            else:
-                evaluations[job.training_key] = row
-        for record in self.executor.evaluate(todo):
-            self.store.put_evaluation(record)
-            evaluations[record.training_key] = self.store.evaluation(
-                digest({"training": record.training_key, "n_eval": record.n_eval})
+    # ---------------------------------------------------------------------------- trainings
+    def _start_training(self, job: TrainingJob) -> None:
+        if self._checkpoint_ready(job):
+            self._trained(job)
+            return
+        failure = self.store.failure(job.training_key)
+        if failure is not None and not self.retry_failed:
+            self._unusable(job, f"training failed: {failure['error']}")
+            return
+        self._in_flight[job.training_key] = job
+        self.executor.submit(job)
+
+    def _training_finished(self, record: TrainingRecord) -> None:
+        job = self._in_flight.pop(record.training_key)
+        assert isinstance(job, TrainingJob)
+        expected = DEFENSES.get(job.defense_id).code_version()
+        if record.defense_version != expected:
+            self._job_failed(
+                job,
+                f"the worker's code of {job.defense_id} (version {record.defense_version}) differs from the "
+                f"driver's ({expected}); install the same code on every worker",
             )
-            summary.evaluated += 1
+            return
+        self.store.put_training(record)
+        self.store.clear_failure(job.training_key)
+        self._summary.trained += 1
+        self._trained(job)
 
-        cells = [c for job in trainings for c in self.cell_jobs(job, evaluations[job.training_key], surrogates)]
+    def _trained(self, job: TrainingJob) -> None:
+        self._ready.add(job.training_key)
+        if job.training_key in self._defense_keys:
+            self._start_evaluation(job)
+        self._release_waiting(job)
+
+    def _release_waiting(self, job: TrainingJob) -> None:
+        """Plan the cells of defenses that were waiting for this (surrogate) training to resolve."""
+        for seed, surrogate in self._surrogates.items():
+            if surrogate.training_key == job.training_key:
+                for training, evaluation in self._waiting_for_surrogate.pop(seed, []):
+                    self._plan_cells(training, evaluation)
+
+    # -------------------------------------------------------------------------- evaluations
+    def _start_evaluation(self, training: TrainingJob) -> None:
+        job = self.evaluation_job(training)
+        row = self.store.evaluation(job.eval_key)
+        if row is not None:
+            self._evaluated(training, row)
+            return
+        failure = self.store.failure(job.eval_key)
+        if failure is not None and not self.retry_failed:
+            self._unusable(training, f"evaluation failed: {failure['error']}")
+            return
+        self._in_flight[job.eval_key] = job
+        self.executor.submit(job)
+
+    def _evaluation_finished(self, record: EvaluationRecord) -> None:
+        job = self._in_flight.pop(record.eval_key)
+        assert isinstance(job, EvaluationJob)
+        self.store.put_evaluation(record)
+        self.store.clear_failure(record.eval_key)
+        self._summary.evaluated += 1
+        self._evaluated(job.training, self.store.evaluation(record.eval_key))
+
+    def _evaluated(self, training: TrainingJob, evaluation: Mapping[str, Any]) -> None:
+        surrogate = self._surrogates.get(training.seed)
+        if surrogate is not None and not self._resolved(surrogate):
+            self._waiting_for_surrogate.setdefault(training.seed, []).append((training, evaluation))
+            return
+        self._plan_cells(training, evaluation)
+
+    def _resolved(self, training: TrainingJob) -> bool:
+        return training.training_key in self._ready or training.training_key in self._unusable_trainings
+
+    # -------------------------------------------------------------------------------- cells
+    def _plan_cells(self, training: TrainingJob, evaluation: Mapping[str, Any]) -> None:
+        cells = self.cell_jobs(training, evaluation, self._surrogates)
+        if self._shard is not None:
+            cells = [c for c in cells if self._shard.owns(c.cell_key)]
+        self._summary.cell_keys.extend(c.cell_key for c in cells)
         status = self.store.cell_status([c.cell_key for c in cells])
-        pending = []
+        todo = []
         for cell in cells:
             state = status.get(cell.cell_key)
             if state == "ok" or (state == "failed" and not self.retry_failed):
-                summary.skipped += 1
+                self._summary.skipped += 1
                 if state == "failed":
-                    summary.failed.append((cell.label, self._failure_reason(cell.cell_key)))
+                    self._summary.failed.append((cell.label, self._failure_reason(cell.cell_key)))
             else:
-                pending.append(cell)
-        labels = {c.cell_key: c.label for c in pending}
-        self.progress.start_cells(len(pending))
-        for record in self.executor.run_cells(pending):
-            self.store.put_cell(record)
-            summary.computed += 1
-            label = labels[record.cell_key]
-            if record.status == "failed":
-                summary.failed.append((label, record.error or "unknown error"))
-                self.progress.cell_done(label, f"FAILED ({record.error})")
+                todo.append(cell)
+        self.progress.more_cells(len(todo))
+        for cell in todo:
+            self._labels[cell.cell_key] = cell.label
+            unusable = self._unusable_trainings.get(cell.surrogate.training_key) if cell.surrogate else None
+            if unusable is not None:
+                self._cell_finished(failed_cell(cell, f"its surrogate {SURROGATE_DEFENSE} is unusable: {unusable}"))
             else:
-                accuracy = float(np.mean(record.robust_mask)) if record.robust_mask is not None else float("nan")
-                self.progress.cell_done(label, f"robust accuracy {accuracy:.3f}")
-        self.progress.close()
-        return summary
+                self.executor.submit(cell)
+
+    def _cell_finished(self, record: CellRecord) -> None:
+        self.store.put_cell(record)
+        self._summary.computed += 1
+        self._summary.computed_keys.add(record.cell_key)
+        label = self._labels.pop(record.cell_key, record.cell_key)
+        if record.status == "failed":
+            self._summary.failed.append((label, record.error or "unknown error"))
+            self.progress.cell_done(label, f"FAILED ({record.error})")
+        else:
+            accuracy = float(np.mean(record.robust_mask)) if record.robust_mask is not None else float("nan")
+            self.progress.cell_done(label, f"robust accuracy {accuracy:.3f}")
+
+    # ------------------------------------------------------------------------------ failures
+    def _job_failed(self, job: TrainingJob | EvaluationJob, error: str) -> None:
+        """A training or evaluation raised: record it; the defense's cells cannot run."""
+        if isinstance(job, TrainingJob):
+            key, kind, training = job.training_key, "training", job
+        else:
+            key, kind, training = job.eval_key, "evaluation", job.training
+        self._in_flight.pop(key, None)
+        self.store.put_failure(key, kind, training.defense_id, training.dataset, training.seed, error)
+        self._unusable(training, f"{kind} failed: {error}")
+
+    def _unusable(self, training: TrainingJob, reason: str) -> None:
+        """This defense (seed) has no usable model: report it once, skip its cells, and let the
+        defenses waiting for it as a surrogate go on (their transfer cells fail with the reason)."""
+        self._unusable_trainings[training.training_key] = reason
+        self._summary.failed.append((f"{training.defense_id} (seed {training.seed}): none of its cells ran", reason))
+        self._release_waiting(training)
 
     def _checkpoint_ready(self, job: TrainingJob) -> bool:
         """Trained already: the database knows the training and its checkpoint file exists."""

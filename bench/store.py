@@ -111,6 +111,30 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+OPERATIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS failures (
+    job_key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('training', 'evaluation')),
+    defense_id TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS run_cells (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    cell_key TEXT NOT NULL,
+    PRIMARY KEY (run_id, cell_key)
+);
+CREATE TABLE IF NOT EXISTS nightly (
+    run_id INTEGER PRIMARY KEY REFERENCES runs(run_id),
+    snapshot TEXT NOT NULL
+);
+"""
+"""Tables added after schema 1 (additive, so older readers ignore them): trainings and evaluations
+that failed (their defense's cells cannot run), the cells each run covered, and each nightly run's
+snapshot for the regression report. Created on open when missing."""
+
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -292,6 +316,8 @@ class Store:
         store = cls(connection, path)
         if not exists:
             store._initialise()
+        else:
+            store._add_operations_tables()
         return store
 
     @classmethod
@@ -302,12 +328,24 @@ class Store:
         try:
             with self.connection:
                 self.connection.execute("PRAGMA journal_mode=WAL")
-                self.connection.executescript(SCHEMA)
+                self.connection.executescript(SCHEMA + OPERATIONS_SCHEMA)
                 self.connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self.connection.execute("INSERT OR REPLACE INTO meta VALUES ('created_at', ?)", (now(),))
         except sqlite3.OperationalError as exc:
             raise RobustMatrixError(f"cannot write the database {self.path}: {exc}") from None
+
+    def _add_operations_tables(self) -> None:
+        """Bring a database written before the operations tables existed up to date. A read-only
+        file is left as it is (its readers do not need the new tables)."""
+        present = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if {"failures", "run_cells", "nightly"} <= present:
+            return
+        try:
+            with self.connection:
+                self.connection.executescript(OPERATIONS_SCHEMA)
+        except sqlite3.OperationalError:
+            pass
 
     def close(self) -> None:
         self.connection.close()
@@ -417,6 +455,49 @@ class Store:
                 "UPDATE runs SET finished_at = ?, status = ?, cells_computed = ?, cells_failed = ? WHERE run_id = ?",
                 (now(), status, computed, failed, run_id),
             )
+
+    def run(self, run_id: int) -> sqlite3.Row | None:
+        return self.connection.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+
+    def link_run_cells(self, run_id: int, cell_keys: Sequence[str]) -> None:
+        """Record that run ``run_id`` covered these cells (computed them or found them stored)."""
+        with self._write() as connection:
+            connection.executemany(
+                "INSERT OR IGNORE INTO run_cells (run_id, cell_key) VALUES (?, ?)", [(run_id, k) for k in cell_keys]
+            )
+
+    def run_cell_keys(self, run_id: int) -> list[str]:
+        rows = self.connection.execute("SELECT cell_key FROM run_cells WHERE run_id = ? ORDER BY cell_key", (run_id,))
+        return [r[0] for r in rows]
+
+    def put_nightly(self, run_id: int, snapshot: Mapping[str, Any]) -> None:
+        """Keep a nightly run's snapshot (its cells, worst cases, flags, attack speeds) for later comparisons."""
+        with self._write() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO nightly (run_id, snapshot) VALUES (?, ?)",
+                (run_id, json.dumps(dict(snapshot), sort_keys=True)),
+            )
+
+    def nightly_snapshots(self) -> list[tuple[int, dict[str, Any]]]:
+        """Every nightly snapshot, oldest first."""
+        rows = self.connection.execute("SELECT run_id, snapshot FROM nightly ORDER BY run_id")
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
+
+    # ----------------------------------------------------------------------------- failed jobs
+    def put_failure(self, job_key: str, kind: str, defense_id: str, dataset: str, seed: int, error: str) -> None:
+        """Record that a training or evaluation failed (the latest reason wins)."""
+        with self._write() as connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_key, kind, defense_id, dataset, seed, error or "unknown error", now()),
+            )
+
+    def failure(self, job_key: str) -> sqlite3.Row | None:
+        return self.connection.execute("SELECT * FROM failures WHERE job_key = ?", (job_key,)).fetchone()
+
+    def clear_failure(self, job_key: str) -> None:
+        with self._write() as connection:
+            connection.execute("DELETE FROM failures WHERE job_key = ?", (job_key,))
 
 
 def record_dict(record: Any) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from bench.models import architecture_name, build_model
 from bench.probes import observe
 from bench.registry import ATTACKS, DEFENSES
 from bench.store import CellRecord, EvaluationRecord, TrainingRecord, decode_mask
+from bench.timebudget import Budget, TimeBudgetExceeded, time_budget
 from defenses.base import Defense, StraightThrough, TrainContext, TrainData
 
 EpochCallback = Callable[[str, int, int, float], None]
@@ -43,6 +45,23 @@ class LoadedDefense:
     model: nn.Module
     deployed: nn.Module
     approximation: nn.Module | None
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path``.lock (POSIX; elsewhere no lock, only duplicate work)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _atomic_save(payload: dict[str, Any], path: Path) -> None:
@@ -98,9 +117,7 @@ class Workbench:
         """Train the defense, or reuse its checkpoint if one exists for this exact key."""
         spec = DEFENSES.get(job.defense_id)
         path = self.checkpoint_dir / job.checkpoint
-        meta = self._checkpoint_meta(path)
-        if meta is None:
-            meta = self._train_and_save(job, path)
+        meta = self._checkpoint_meta(path) or self._train_once(job, path)
         return TrainingRecord(
             training_key=job.training_key,
             defense_id=job.defense_id,
@@ -129,6 +146,12 @@ class Workbench:
             return dict(payload["meta"])
         except Exception:  # noqa: BLE001 - a torn or foreign file is simply retrained over
             return None
+
+    def _train_once(self, job: TrainingJob, path: Path) -> dict[str, Any]:
+        """Train under a lock on the checkpoint file: processes sharing a checkpoint folder (shards
+        of one matrix) train each defense once; the others wait, then reuse the checkpoint."""
+        with _exclusive(path):
+            return self._checkpoint_meta(path) or self._train_and_save(job, path)
 
     def _train_and_save(self, job: TrainingJob, path: Path) -> dict[str, Any]:
         spec = DEFENSES.get(job.defense_id)
@@ -159,6 +182,9 @@ class Workbench:
             "training_key": job.training_key,
         }
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:
+            raise NonFiniteResult(f"training {job.defense_id} produced NaN/inf weights ({broken[0]})")
         _atomic_save({"state_dict": state, "meta": meta}, path)
         return meta
 
@@ -169,7 +195,7 @@ class Workbench:
             return self._loaded[job.training_key]
         path = self.checkpoint_dir / job.checkpoint
         if self._checkpoint_meta(path) is None:
-            self._train_and_save(job, path)
+            self._train_once(job, path)
         defense = DEFENSES.get(job.defense_id).make(job.dataset, job.kwargs)
         model = self._fresh_model(defense)
         payload = torch.load(path, map_location=self.device, weights_only=True)
@@ -190,50 +216,38 @@ class Workbench:
         x, y = self.eval_set(job.n_eval)
         seed_everything(seed_from(job.eval_key))
         with torch.no_grad():
-            correct = torch.cat(
-                [loaded.deployed(x[i : i + 500]).argmax(dim=1) == y[i : i + 500] for i in range(0, len(y), 500)]
-            )
+            logits = torch.cat([loaded.deployed(x[i : i + 500]) for i in range(0, len(y), 500)])
+        _require_finite(logits, f"{job.training.defense_id}'s outputs on clean examples")
+        correct = logits.argmax(dim=1) == y
         observed = observe(loaded.deployed, x, y)
         return EvaluationRecord(job.eval_key, job.training.training_key, job.n_eval, correct.cpu().numpy(), observed)
 
     # -------------------------------------------------------------------------------- cells
     def run_cell(self, job: CellJob) -> CellRecord:
-        """Attack the clean-correct evaluation examples; a failure becomes a failed record."""
+        """Attack the clean-correct evaluation examples. Whatever goes wrong — an exception, NaN/inf
+        in the adversarial examples or the defense's outputs, the cell's time budget running out —
+        becomes a failed record with its reason; the other cells go on."""
         start = time.perf_counter()
         counter = PassCounter()
         try:
-            robust, mean_norm = self._attack(job, counter)
+            with time_budget(job.timeout) as budget:
+                robust, mean_norm = self._attack(job, counter, budget)
             status, error = "ok", None
-        except RobustMatrixError:
-            raise
+        except TimeBudgetExceeded as exc:
+            robust, mean_norm = None, None
+            status, error = "failed", f"timeout: cell {exc}"
         except Exception as exc:  # noqa: BLE001 - recorded with its reason; other cells go on
             robust, mean_norm = None, None
-            status, error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        clean = decode_mask(job.clean_mask, job.n_eval)
-        return CellRecord(
-            cell_key=job.cell_key,
-            training_key=job.training.training_key,
-            dataset=job.training.dataset,
-            defense_id=job.training.defense_id,
-            attack_id=job.attack_id,
-            attack_version=job.attack_version,
-            attack_kwargs=job.attack_kwargs,
-            family=job.family,
-            norm=job.norm,
-            eps=job.eps,
-            bounded=job.bounded,
-            seed=job.training.seed,
-            n_eval=job.n_eval,
-            status=status,
-            error=error,
-            clean_mask=clean if status == "ok" else None,
-            robust_mask=robust,
-            mean_perturbation=mean_norm,
-            forwards=counter.forwards,
-            backwards=counter.backwards,
-            wall_time=time.perf_counter() - start,
-            device=str(self.device),
-            versions=versions(),
+            status, error = "failed", failure_reason(exc)
+        return cell_record(
+            job,
+            status,
+            error,
+            robust,
+            mean_norm,
+            counter,
+            time.perf_counter() - start,
+            str(self.device),
         )
 
     def _victim(self, job: CellJob, counter: PassCounter) -> tuple[Victim, nn.Module]:
@@ -250,7 +264,7 @@ class Workbench:
         )
         return victim, loaded.deployed
 
-    def _attack(self, job: CellJob, counter: PassCounter) -> tuple[np.ndarray, float | None]:
+    def _attack(self, job: CellJob, counter: PassCounter, budget: Budget) -> tuple[np.ndarray, float | None]:
         victim, deployed = self._victim(job, counter)
         x, y = self.eval_set(job.n_eval)
         clean = torch.from_numpy(decode_mask(job.clean_mask, job.n_eval)).to(self.device)
@@ -260,18 +274,80 @@ class Workbench:
         norms = []
         targets = clean.nonzero().squeeze(1)
         batches = range(0, len(targets), job.batch_size)
-        deadline = None if job.timeout is None else time.perf_counter() + job.timeout
         for number, start in enumerate(batches):
             index = targets[start : start + job.batch_size]
             x_adv = attack(victim, x[index], y[index])
+            _require_finite(x_adv, "the attack's adversarial examples")
             with torch.no_grad():
-                still_correct = deployed(x_adv).argmax(dim=1) == y[index]
+                logits = deployed(x_adv)
+            _require_finite(logits, "the defense's outputs on the adversarial examples")
+            still_correct = logits.argmax(dim=1) == y[index]
             robust[index] = still_correct
             if job.norm in ("linf", "l2", "l1") and (~still_correct).any():
                 norms.append(perturbation_norm((x_adv - x[index])[~still_correct], job.norm))
             if self.on_batch is not None:
                 self.on_batch(number + 1, len(batches))
-            if deadline is not None and time.perf_counter() > deadline:
-                raise TimeoutError(f"cell exceeded its time budget of {job.timeout:g} s")
+            budget.check()
         mean_norm = float(torch.cat(norms).mean()) if norms else None
+        if mean_norm is not None and not math.isfinite(mean_norm):
+            raise NonFiniteResult(f"mean perturbation is {mean_norm}")
         return robust.cpu().numpy(), mean_norm
+
+
+def cell_record(
+    job: CellJob,
+    status: str,
+    error: str | None,
+    robust: np.ndarray | None,
+    mean_perturbation: float | None,
+    counter: PassCounter,
+    wall_time: float,
+    device: str,
+) -> CellRecord:
+    return CellRecord(
+        cell_key=job.cell_key,
+        training_key=job.training.training_key,
+        dataset=job.training.dataset,
+        defense_id=job.training.defense_id,
+        attack_id=job.attack_id,
+        attack_version=job.attack_version,
+        attack_kwargs=job.attack_kwargs,
+        family=job.family,
+        norm=job.norm,
+        eps=job.eps,
+        bounded=job.bounded,
+        seed=job.training.seed,
+        n_eval=job.n_eval,
+        status=status,
+        error=error,
+        clean_mask=decode_mask(job.clean_mask, job.n_eval) if status == "ok" else None,
+        robust_mask=robust,
+        mean_perturbation=mean_perturbation,
+        forwards=counter.forwards,
+        backwards=counter.backwards,
+        wall_time=wall_time,
+        device=device,
+        versions=versions(),
+    )
+
+
+def failed_cell(job: CellJob, error: str, wall_time: float = 0.0, device: str = "none") -> CellRecord:
+    """A failed record for a cell that could not run at all (its worker died, its surrogate is unusable)."""
+    return cell_record(job, "failed", error, None, None, PassCounter(), wall_time, device)
+
+
+class NonFiniteResult(RuntimeError):
+    """NaN or inf where a number is needed: the result would be meaningless, so the job fails."""
+
+
+def _require_finite(values: torch.Tensor, what: str) -> None:
+    """Per-example values (first dimension) must all be finite."""
+    broken = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    if bool(broken.any()):
+        raise NonFiniteResult(f"NaN/inf in {what} ({int(broken.sum())} of {len(values)} examples)")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line naming what went wrong, for the database and the failure summary."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]

@@ -1,0 +1,141 @@
+"""One matrix run, as ``robustmatrix run`` and ``robustmatrix nightly`` both do it: pick the executor,
+record the run, let the runner fill the database, and link the run to the cells it covered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.config import MatrixSpec
+from bench.data import load_dataset
+from bench.device import resolve_device
+from bench.errors import RobustMatrixError
+from bench.executor import Executor, LocalExecutor
+from bench.keys import versions
+from bench.progress import Progress
+from bench.registry import ATTACKS, DEFENSES
+from bench.runner import Runner, RunSummary, checkpoint_dir
+from bench.shard import Shard
+from bench.store import Store
+from bench.workbench import Workbench
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    executor: str = "local"
+    address: str | None = None
+    """A Ray cluster to join (``auto``, ``HOST:6379`` or ``ray://HOST:10001``); None starts a local one."""
+    device: str = "auto"
+    cpus_per_task: int = 1
+    gpus_per_task: float = 1.0
+    gpus_per_training: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise RobustMatrixError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
+        if self.address is not None and self.executor != "ray":
+            raise RobustMatrixError("--address names a Ray cluster: use it with --executor ray")
+        if self.cpus_per_task < 1:
+            raise RobustMatrixError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
+        for name, value in (("--gpus-per-task", self.gpus_per_task), ("--gpus-per-training", self.gpus_per_training)):
+            if not 0 < value <= 64:
+                raise RobustMatrixError(f"{name} must be a positive number of GPUs (a fraction shares one): {value}")
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    summary: RunSummary
+    device: str
+
+
+def component_modules(spec: MatrixSpec) -> tuple[str, ...]:
+    """Modules defining the matrix's components, so Ray workers can register ones that are neither
+    built in nor installed as plugins (a component defined in a user's own importable module)."""
+    modules = set()
+    for component in [*DEFENSES.select(list(spec.defenses)), *ATTACKS.select(list(spec.attacks))]:
+        factory = component.factory
+        name = factory.split(":")[0] if isinstance(factory, str) else getattr(factory, "__module__", None)
+        if name and name != "__main__":
+            modules.add(name)
+    return tuple(sorted(modules))
+
+
+def make_executor(
+    options: ExecutionOptions,
+    spec: MatrixSpec,
+    db_path: Path,
+    data_dir: str | None,
+    download: bool,
+    progress: Progress,
+) -> tuple[Executor, str]:
+    """The executor, and the device its jobs run on (as recorded with the run)."""
+    if options.executor == "local":
+        device = resolve_device(options.device)
+        workbench = Workbench(
+            spec.dataset,
+            device,
+            checkpoint_dir(db_path),
+            data_dir=data_dir,
+            download=download,
+            on_epoch=progress.epoch,
+            on_batch=progress.batch,
+        )
+        return LocalExecutor(workbench), str(device)
+    from bench.ray_executor import RayExecutor, WorkerSettings
+
+    settings = WorkerSettings(
+        spec.dataset, options.device, data_dir, download, options.cpus_per_task, component_modules(spec)
+    )
+    executor = RayExecutor(
+        settings,
+        checkpoint_dir(db_path),
+        address=options.address,
+        cpus_per_task=options.cpus_per_task,
+        gpus_per_task=options.gpus_per_task,
+        gpus_per_training=options.gpus_per_training,
+    )
+    return executor, f"{executor.settings.device} (ray)"
+
+
+def run_matrix(
+    spec: MatrixSpec,
+    db_path: Path,
+    options: ExecutionOptions,
+    *,
+    kind: str = "run",
+    data_dir: str | None = None,
+    download: bool = True,
+    retry_failed: bool = False,
+    only_defenses: list[str] | None = None,
+    shard: Shard | None = None,
+    progress: Progress | None = None,
+    git_commit: str | None = None,
+) -> RunResult:
+    """Fill ``db_path`` with the matrix's missing results and record the run. Bad input fails
+    before any work starts; results are written the moment they arrive."""
+    progress = progress or Progress(enabled=False)
+    if options.executor == "local":
+        resolve_device(options.device)
+    data = load_dataset(spec.dataset, data_dir, download)
+    if only_defenses:
+        DEFENSES.select(only_defenses)
+    runner = Runner(spec, data, None, progress, retry_failed)
+    executor, device = make_executor(options, spec, db_path, data_dir, download, progress)
+    runner.executor = executor
+    with executor, Store.open(db_path) as store:
+        run_id = store.start_run(kind, spec.to_dict(), device, versions(), git_commit)
+        try:
+            summary = runner.run(store, only_defenses, shard)
+        except BaseException:
+            partial: RunSummary | None = getattr(runner, "_summary", None)
+            if partial is not None:
+                store.link_run_cells(run_id, partial.cell_keys)
+            store.finish_run(run_id, "interrupted", partial.computed if partial else 0, 0)
+            raise
+        store.link_run_cells(run_id, summary.cell_keys)
+        store.finish_run(run_id, "ok" if summary.ok else "failed", summary.computed, len(summary.failed))
+    return RunResult(run_id, summary, device)

@@ -1,0 +1,437 @@
+"""``robustmatrix nightly``: run (or complete) the matrix for the current code, then say what changed
+since the previous nightly run in the same database.
+
+Each nightly run keeps a snapshot (table ``nightly``): every cell it covered with its robust
+accuracy, each defense's per-example worst case, the masking flags, each attack's wall time per
+attacked example. Two snapshots are compared:
+
+- a cell (same defense, attack, threat model, seed, evaluation size) whose robust accuracy left the
+  Wilson 95% confidence interval of its previous value — either way: the attack or the defense
+  changed, and someone should look;
+- a defense whose worst case at some threat model left its interval;
+- masking flags that appeared (a regression) or cleared (news);
+- defenses or attacks that were removed (a regression) or added (news);
+- attacks whose cells were re-run this time and became slower per example than ``max_slowdown``
+  times before (when they took at least ``MIN_TIMED_SECONDS`` in all);
+- failures (cells, trainings, evaluations) of this run.
+
+The report is written as ``regressions.md`` and ``regressions.json``, with a plot of every defense's
+worst case over all nightly runs (``nightly_history.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
+from bench.runner import RunSummary
+from bench.store import Store, decode_mask
+
+Z_95 = 1.959963984540054
+HISTORY_PLOT = "nightly_history.png"
+REPORT_MD = "regressions.md"
+REPORT_JSON = "regressions.json"
+DEFAULT_MAX_SLOWDOWN = 1.5
+MIN_TIMED_SECONDS = 1.0
+"""An attack whose re-run cells took less than this in total is not flagged as slower: at that
+scale wall time measures the machine's load, not the attack."""
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: sound near 0 and 1, where the normal one is not."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def outside(before: float, after: float, n: int) -> tuple[bool, tuple[float, float]]:
+    """Whether ``after`` lies outside the 95% interval of ``before`` measured on ``n`` examples."""
+    low, high = wilson_interval(round(before * n), n)
+    return not (low - 1e-12 <= after <= high + 1e-12), (low, high)
+
+
+# ------------------------------------------------------------------------------- masking flags
+def flags_by_defense(db_path: str | Path) -> dict[str, set[str]]:
+    """INTEGRATION HOOK — the masking flags of each defense in the database (newest generation).
+
+    This minimal version reads only what the clean evaluation observed (the runner's probes); the
+    leaderboard's masking flags (branch ``leaderboard``) replace it at integration with the same
+    signature. The nightly report diffs whatever this returns."""
+    with Store.open_existing(db_path) as store:
+        rows = store.connection.execute(
+            "SELECT t.defense_id, t.seed, t.created_at AS trained, e.observed, e.created_at AS evaluated "
+            "FROM evaluations e JOIN trainings t ON t.training_key = e.training_key "
+            "ORDER BY t.created_at, e.created_at"
+        ).fetchall()
+    newest: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:  # ordered oldest first: the newest training and evaluation win
+        newest[(row["defense_id"], row["seed"])] = json.loads(row["observed"])
+    flags: dict[str, set[str]] = defaultdict(set)
+    for (defense_id, _), observed in newest.items():
+        flags[defense_id]  # every evaluated defense has an entry, maybe empty
+        if behaves_randomized(observed):
+            flags[defense_id].add("randomized outputs")
+        if behaves_non_differentiable(observed):
+            flags[defense_id].add("vanishing gradients (DLR)")
+        if behaves_saturated(observed):
+            flags[defense_id].add("saturated softmax or probability outputs")
+    return dict(flags)
+
+
+# ------------------------------------------------------------------------------------ snapshot
+def cell_id(cell: Mapping[str, Any]) -> str:
+    """What makes two cells of different runs 'the same cell' (their keys differ once code changes)."""
+    return (
+        f"{cell['dataset']}/{cell['defense_id']}/{cell['attack_id']}/{cell['norm']} {cell['eps']:g}/"
+        f"seed {cell['seed']}/n {cell['n_eval']}"
+    )
+
+
+def take_snapshot(store: Store, run_id: int, summary: RunSummary) -> dict[str, Any]:
+    """Everything the next nightly run compares against, computed from the cells this run covered."""
+    run = store.run(run_id)
+    rows = store.connection.execute(
+        "SELECT c.* FROM cells c JOIN run_cells r ON r.cell_key = c.cell_key WHERE r.run_id = ? ORDER BY c.cell_key",
+        (run_id,),
+    ).fetchall()
+    cells, masks = [], defaultdict(list)
+    for row in rows:
+        ok = row["status"] == "ok"
+        attacked = round(row["clean_accuracy"] * row["n_eval"]) if ok else 0
+        cell = {
+            "cell_key": row["cell_key"],
+            "dataset": row["dataset"],
+            "defense_id": row["defense_id"],
+            "attack_id": row["attack_id"],
+            "attack_version": row["attack_version"],
+            "training_key": row["training_key"],
+            "norm": row["norm"],
+            "eps": row["eps"],
+            "seed": row["seed"],
+            "n_eval": row["n_eval"],
+            "status": row["status"],
+            "error": row["error"],
+            "robust_accuracy": row["robust_accuracy"],
+            "wall_time": row["wall_time"],
+            "attacked": attacked,
+            "computed": row["cell_key"] in summary.computed_keys,
+        }
+        cells.append(cell)
+        if ok:
+            threat = (row["defense_id"], row["norm"], row["eps"], row["n_eval"])
+            masks[threat].append((row["seed"], decode_mask(row["robust_mask"], row["n_eval"])))
+    covered = {c["defense_id"] for c in cells}
+    return {
+        "run": {
+            "run_id": run_id,
+            "started_at": run["started_at"],
+            "git_commit": run["git_commit"],
+            "versions": json.loads(run["versions"]),
+            "device": run["device"],
+        },
+        "cells": cells,
+        "worst_case": _worst_cases(masks),
+        "flags": {d: sorted(f) for d, f in flags_by_defense(store.path).items() if d in covered},
+        "attack_speed": _attack_speed(cells),
+        "defenses": sorted(covered),
+        "attacks": sorted({c["attack_id"] for c in cells}),
+        "failures": [list(f) for f in summary.failed],
+    }
+
+
+def _worst_cases(masks: Mapping[tuple, list[tuple[int, np.ndarray]]]) -> dict[str, Any]:
+    """Per defense and threat model: an example is robust only if every attack failed on it (per
+    seed), averaged over seeds; and the mean over threat models, as the leaderboard shows it."""
+    out: dict[str, Any] = defaultdict(lambda: {"threats": {}})
+    for (defense_id, norm, eps, n_eval), seeded in sorted(masks.items()):
+        by_seed: dict[int, list[np.ndarray]] = defaultdict(list)
+        for seed, mask in seeded:
+            by_seed[seed].append(mask)
+        accuracy = float(np.mean([np.mean(np.logical_and.reduce(m)) for m in by_seed.values()]))
+        out[defense_id]["threats"][f"{norm} {eps:g}"] = {"accuracy": accuracy, "n": n_eval * len(by_seed)}
+    for entry in out.values():
+        entry["mean"] = float(np.mean([t["accuracy"] for t in entry["threats"].values()]))
+    return dict(out)
+
+
+def _attack_speed(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    totals: dict[str, dict[str, Any]] = defaultdict(lambda: {"wall_time": 0.0, "examples": 0, "computed": False})
+    for cell in cells:
+        if cell["status"] != "ok":
+            continue
+        entry = totals[cell["attack_id"]]
+        entry["wall_time"] += cell["wall_time"]
+        entry["examples"] += cell["attacked"]
+        entry["computed"] = entry["computed"] or cell["computed"]
+    for entry in totals.values():
+        entry["per_example"] = entry["wall_time"] / entry["examples"] if entry["examples"] else None
+    return dict(totals)
+
+
+# ---------------------------------------------------------------------------------- comparison
+def compare(
+    previous: Mapping[str, Any] | None, current: Mapping[str, Any], max_slowdown: float = DEFAULT_MAX_SLOWDOWN
+) -> dict[str, Any]:
+    """The regression report: what changed between two snapshots, and whether any of it regressed."""
+    report: dict[str, Any] = {
+        "run": current["run"],
+        "previous": previous["run"] if previous else None,
+        "max_slowdown": max_slowdown,
+        "changed_cells": [],
+        "worst_case": [],
+        "flags": {"new": {}, "cleared": {}},
+        "defenses": {"added": [], "removed": []},
+        "attacks": {"added": [], "removed": []},
+        "attack_speed": [],
+        "failures": current["failures"],
+        "history_plot": HISTORY_PLOT,
+    }
+    reasons = []
+    if current["failures"]:
+        reasons.append(f"{len(current['failures'])} failure(s) in this run")
+    if previous is not None:
+        report["changed_cells"] = _changed_cells(previous, current)
+        report["worst_case"] = _worst_case_changes(previous, current)
+        report["flags"] = _flag_changes(previous, current)
+        for kind in ("defenses", "attacks"):
+            before, after = set(previous[kind]), set(current[kind])
+            report[kind] = {"added": sorted(after - before), "removed": sorted(before - after)}
+        report["attack_speed"] = _speed_changes(previous, current, max_slowdown)
+        if report["changed_cells"]:
+            reasons.append(f"{len(report['changed_cells'])} cell(s) moved outside their 95% confidence interval")
+        moved = [w["defense"] for w in report["worst_case"] if w["changed"]]
+        if moved:
+            reasons.append(f"worst case changed for {', '.join(moved)}")
+        if report["flags"]["new"]:
+            reasons.append(f"new masking flags for {', '.join(sorted(report['flags']['new']))}")
+        for kind in ("defenses", "attacks"):
+            if report[kind]["removed"]:
+                reasons.append(f"{kind} removed: {', '.join(report[kind]['removed'])}")
+        slower = [s["attack"] for s in report["attack_speed"] if s["slower"]]
+        if slower:
+            reasons.append(f"slower than {max_slowdown:g}x: {', '.join(slower)}")
+    report["regressed"] = bool(reasons)
+    report["reasons"] = reasons
+    return report
+
+
+def _changed_cells(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[dict[str, Any]]:
+    before = {cell_id(c): c for c in previous["cells"] if c["status"] == "ok"}
+    changed = []
+    for cell in current["cells"]:
+        old = before.get(cell_id(cell))
+        if old is None or cell["status"] != "ok":
+            continue
+        moved, interval = outside(old["robust_accuracy"], cell["robust_accuracy"], cell["n_eval"])
+        if not moved:
+            continue
+        causes = []
+        if old["attack_version"] != cell["attack_version"]:
+            causes.append("attack code changed")
+        if old["training_key"] != cell["training_key"]:
+            causes.append("defense retrained")
+        changed.append(
+            {
+                "defense": cell["defense_id"],
+                "attack": cell["attack_id"],
+                "threat": f"{cell['norm']} {cell['eps']:g}",
+                "seed": cell["seed"],
+                "n_eval": cell["n_eval"],
+                "before": old["robust_accuracy"],
+                "after": cell["robust_accuracy"],
+                "interval": list(interval),
+                "direction": "weaker attack / stronger defense"
+                if cell["robust_accuracy"] > old["robust_accuracy"]
+                else "stronger attack / weaker defense",
+                "cause": ", ".join(causes) or "same code (nondeterminism?)",
+                "cell_key": cell["cell_key"],
+                "previous_cell_key": old["cell_key"],
+            }
+        )
+    return sorted(changed, key=lambda c: (c["defense"], c["attack"], c["threat"], c["seed"]))
+
+
+def _worst_case_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for defense, now in sorted(current["worst_case"].items()):
+        then = previous["worst_case"].get(defense)
+        if then is None:
+            continue
+        threats = []
+        for threat, value in sorted(now["threats"].items()):
+            old = then["threats"].get(threat)
+            if old is None:
+                continue
+            moved, interval = outside(old["accuracy"], value["accuracy"], value["n"])
+            if moved:
+                before, after = old["accuracy"], value["accuracy"]
+                threats.append({"threat": threat, "before": before, "after": after, "interval": list(interval)})
+        rows.append({"defense": defense, "before": then["mean"], "after": now["mean"], "changed": threats})
+    return rows
+
+
+def _flag_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, dict[str, list[str]]]:
+    new, cleared = {}, {}
+    for defense in sorted(set(previous["flags"]) | set(current["flags"])):
+        before, after = set(previous["flags"].get(defense, [])), set(current["flags"].get(defense, []))
+        if defense in current["defenses"] and after - before:
+            new[defense] = sorted(after - before)
+        if defense in previous["defenses"] and defense in current["defenses"] and before - after:
+            cleared[defense] = sorted(before - after)
+    return {"new": new, "cleared": cleared}
+
+
+def _speed_changes(previous: Mapping[str, Any], current: Mapping[str, Any], max_slowdown: float) -> list[dict]:
+    rows = []
+    for attack, now in sorted(current["attack_speed"].items()):
+        then = previous["attack_speed"].get(attack)
+        if then is None or not then["per_example"] or not now["per_example"]:
+            continue
+        ratio = now["per_example"] / then["per_example"]
+        rows.append(
+            {
+                "attack": attack,
+                "before": then["per_example"],
+                "after": now["per_example"],
+                "ratio": ratio,
+                "rerun": now["computed"],
+                "slower": bool(now["computed"] and ratio > max_slowdown and now["wall_time"] >= MIN_TIMED_SECONDS),
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------- outputs
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    run, previous = report["run"], report["previous"]
+    lines = ["# Nightly regression report", ""]
+    commit = (run["git_commit"] or "unknown commit")[:12]
+    lines.append(
+        f"Run {run['run_id']} ({run['started_at']}, commit {commit}, torch {run['versions'].get('torch')}, "
+        f"device {run['device']})"
+        + (
+            f" compared with run {previous['run_id']} ({previous['started_at']}, "
+            f"commit {(previous['git_commit'] or 'unknown')[:12]})."
+            if previous
+            else ": no previous nightly run in this database, so this one is the baseline."
+        )
+    )
+    lines.append("")
+    if report["regressed"]:
+        lines += ["**Regressed:**", "", *[f"- {r}" for r in report["reasons"]], ""]
+    else:
+        lines += ["**No regressions.**", ""]
+    if report["changed_cells"]:
+        lines += [
+            "## Cells outside their 95% confidence interval",
+            "",
+            "| defense | attack | threat | seed | before | 95% interval | after | cause |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in report["changed_cells"]:
+            low, high = c["interval"]
+            lines.append(
+                f"| {c['defense']} | {c['attack']} | {c['threat']} | {c['seed']} | {_pct(c['before'])} | "
+                f"{_pct(low)}–{_pct(high)} | **{_pct(c['after'])}** | {c['cause']} |"
+            )
+        lines.append("")
+    if report["worst_case"]:
+        lines += ["## Worst case per defense", "", "| defense | before | after | changed at |", "|---|---|---|---|"]
+        for w in report["worst_case"]:
+            changed = ", ".join(f"{t['threat']}: {_pct(t['before'])} → {_pct(t['after'])}" for t in w["changed"])
+            lines.append(f"| {w['defense']} | {_pct(w['before'])} | {_pct(w['after'])} | {changed or '–'} |")
+        lines.append("")
+    flags = report["flags"]
+    if flags["new"] or flags["cleared"]:
+        lines += ["## Masking flags", ""]
+        lines += [f"- new for {d}: {', '.join(f)}" for d, f in flags["new"].items()]
+        lines += [f"- cleared for {d}: {', '.join(f)}" for d, f in flags["cleared"].items()]
+        lines.append("")
+    for kind in ("defenses", "attacks"):
+        for change in ("added", "removed"):
+            if report[kind][change]:
+                lines += [f"{kind.capitalize()} {change}: {', '.join(report[kind][change])}", ""]
+    if report["attack_speed"]:
+        lines += [
+            "## Attack speed (wall time per attacked example)",
+            "",
+            "| attack | before (ms) | after (ms) | ratio | re-run |",
+            "|---|---|---|---|---|",
+        ]
+        for s in report["attack_speed"]:
+            mark = " **slower**" if s["slower"] else ""
+            lines.append(
+                f"| {s['attack']} | {1000 * s['before']:.2f} | {1000 * s['after']:.2f} | {s['ratio']:.2f}{mark} | "
+                f"{'yes' if s['rerun'] else 'no (cached)'} |"
+            )
+        lines.append("")
+    if report["failures"]:
+        lines += ["## Failures", "", *[f"- {what}: {why}" for what, why in report["failures"]], ""]
+    lines += ["## Worst case over nightly runs", "", f"![worst case per defense over nightly runs]({HISTORY_PLOT})", ""]
+    return "\n".join(lines)
+
+
+def plot_worst_case_history(store: Store, out_path: str | Path) -> Path:
+    """A PNG of every defense's worst case (mean over threat models) across the nightly runs, for
+    the report and the leaderboard page."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    snapshots = store.nightly_snapshots()
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    labels = []
+    for position, (run_id, snapshot) in enumerate(snapshots):
+        labels.append(f"#{run_id}\n{snapshot['run']['started_at'][:10]}")
+        for defense, worst in snapshot["worst_case"].items():
+            series[defense].append((position, worst["mean"]))
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.0 + 0.7 * len(labels)), 4.0), dpi=110)
+    for defense, points in sorted(series.items()):
+        xs, ys = zip(*points, strict=True)
+        axes.plot(xs, ys, marker="o", label=defense)
+    axes.set_xticks(range(len(labels)), labels, fontsize=8)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_ylabel("worst-case robust accuracy (mean)")
+    axes.set_xlabel("nightly run")
+    axes.set_title("Worst case per defense over nightly runs")
+    axes.grid(alpha=0.3)
+    if series:
+        axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out)
+    plt.close(figure)
+    return out
+
+
+def record_and_report(
+    store: Store, run_id: int, summary: RunSummary, out_dir: str | Path, max_slowdown: float = DEFAULT_MAX_SLOWDOWN
+) -> tuple[dict[str, Any], list[Path]]:
+    """Snapshot this nightly run, compare it with the previous one, write the report files."""
+    snapshot = take_snapshot(store, run_id, summary)
+    earlier = [s for r, s in store.nightly_snapshots() if r < run_id]
+    store.put_nightly(run_id, snapshot)
+    report = compare(earlier[-1] if earlier else None, snapshot, max_slowdown)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    (out / REPORT_MD).write_text(render_markdown(report))
+    plot = plot_worst_case_history(store, out / HISTORY_PLOT)
+    return report, [out / REPORT_MD, out / REPORT_JSON, plot]

@@ -1,0 +1,307 @@
+"""Run the matrix on a Ray cluster: trainings, evaluations and cells become Ray tasks.
+
+Only the driver writes the database. Each task returns its record to the driver, which takes them
+back one at a time as they finish (``ray.wait``) and writes each before asking for the next, so a
+dead driver loses at most the jobs in flight.
+
+Checkpoints travel through Ray's object store, not a shared filesystem: a training task returns
+its checkpoint's bytes beside its record, the driver saves them next to its database, and every
+evaluation and cell of that defense gets the bytes as a task argument — Ray starts a cell only once
+its defense's checkpoint exists, and ships it to whichever node runs the cell. A worker keeps a
+file cache of checkpoints and one ``Workbench`` per process, so consecutive tasks on a worker reuse
+the loaded data and models.
+
+With CUDA, a training task asks Ray for ``gpus_per_training`` GPUs and an evaluation or cell for
+``gpus_per_task`` (a fraction lets several small cells share one GPU). Each task runs torch with
+``cpus_per_task`` threads: CPU results are bit-identical to the local executor's at the same
+number of threads.
+
+Ray is an optional dependency (``pip install 'robustmatrix[ray]'``); nothing imports this module
+unless ``--executor ray`` is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench.errors import RobustMatrixError
+from bench.executor import Executor, Job, JobFailure, Outcome, run_job
+from bench.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.store import TrainingRecord
+from bench.workbench import Workbench, failed_cell, failure_reason
+
+LOCAL_ONLY_ENV = {
+    # A local instance listens on the loopback interface only and reports no usage statistics.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def import_ray(local: bool) -> Any:
+    """Import Ray, or explain how to get it. A local instance is configured before the import
+    (Ray reads these settings once, when it is imported)."""
+    if local:
+        for key, value in LOCAL_ONLY_ENV.items():
+            os.environ.setdefault(key, value)
+    try:
+        import ray
+    except ImportError:
+        raise RobustMatrixError(
+            "--executor ray needs Ray, an optional dependency: pip install 'robustmatrix[ray]'"
+        ) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs to build its Workbench; equal settings share one per process."""
+
+    dataset: str
+    device: str
+    """auto, cpu or cuda: resolved against the cluster's GPUs when the executor starts."""
+    data_dir: str | None = None
+    download: bool = True
+    threads: int = 1
+    modules: tuple[str, ...] = ()
+    """Modules that register the matrix's components, imported by a worker when an id is missing
+    (built-ins and installed plugins are loaded anyway)."""
+    checkpoint_cache: str | None = None
+    """Where a worker keeps checkpoint files (default: a folder in the node's temp directory)."""
+
+
+# ----------------------------------------------------------------------------- worker side
+_WORKBENCHES: dict[WorkerSettings, Workbench] = {}
+_VERSIONS: dict[str, str] = {}
+_IMPORTED: set[str] = set()
+
+
+def _load_components(modules: tuple[str, ...]) -> None:
+    """Built-ins and plugins once per process, then any module of this matrix not yet imported
+    (a worker process serves many drivers' runs in turn)."""
+    from bench.registry import load_builtins, load_plugins
+
+    if not _IMPORTED:
+        load_builtins()
+        load_plugins()  # failures were reported by the driver
+        _IMPORTED.add("")
+    for name in modules:
+        if name not in _IMPORTED:
+            importlib.import_module(name)
+            _IMPORTED.add(name)
+
+
+def _workbench(settings: WorkerSettings) -> Workbench:
+    _load_components(settings.modules)
+    bench = _WORKBENCHES.get(settings)
+    if bench is None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+        cache = Path(settings.checkpoint_cache or Path(tempfile.gettempdir()) / "robustmatrix-ray" / "checkpoints")
+        bench = Workbench(settings.dataset, torch.device(settings.device), cache, settings.data_dir, settings.download)
+        _WORKBENCHES[settings] = bench
+    return bench
+
+
+def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: bytes | None) -> None:
+    """Write a checkpoint shipped by the driver into this worker's cache (atomically, once)."""
+    if training is None or checkpoint is None:
+        return
+    path = bench.checkpoint_dir / training.checkpoint
+    if path.exists() and path.stat().st_size == len(checkpoint):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(checkpoint)
+    os.replace(tmp, path)
+
+
+def train_task(settings: WorkerSettings, job: TrainingJob) -> tuple[Outcome | JobFailure, bytes | None]:
+    bench = _workbench(settings)
+    outcome = run_job(bench, job)
+    if not isinstance(outcome, TrainingRecord):
+        return outcome, None
+    return outcome, (bench.checkpoint_dir / job.checkpoint).read_bytes()
+
+
+def evaluate_task(settings: WorkerSettings, job: EvaluationJob, checkpoint: bytes) -> Outcome | JobFailure:
+    bench = _workbench(settings)
+    _materialize(bench, job.training, checkpoint)
+    return run_job(bench, job)
+
+
+def cell_task(
+    settings: WorkerSettings, job: CellJob, checkpoint: bytes, surrogate_checkpoint: bytes | None
+) -> Outcome | JobFailure:
+    bench = _workbench(settings)
+    _materialize(bench, job.training, checkpoint)
+    _materialize(bench, job.surrogate, surrogate_checkpoint)
+    mismatch = _version_mismatch(job)
+    if mismatch:
+        return failed_cell(job, mismatch, device=str(bench.device))
+    return run_job(bench, job)
+
+
+def _version_mismatch(job: CellJob) -> str | None:
+    """A worker with other code than the driver would store results under the wrong key."""
+    from bench.registry import ATTACKS
+
+    try:
+        if job.attack_id not in _VERSIONS:
+            _VERSIONS[job.attack_id] = ATTACKS.get(job.attack_id).code_version()
+    except RobustMatrixError as exc:
+        return f"on the Ray worker: {exc}"
+    if _VERSIONS[job.attack_id] != job.attack_version:
+        return (
+            f"the worker's code of {job.attack_id} (version {_VERSIONS[job.attack_id]}) differs from the "
+            f"driver's ({job.attack_version}); install the same code on every worker"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------- driver side
+@dataclass
+class _Pending:
+    job: Job
+    submitted: float
+    checkpoint: Any = None
+    """For a training: the reference to its checkpoint bytes (the task's second return value)."""
+
+
+@dataclass
+class RayExecutor(Executor):
+    """Submit jobs as Ray tasks; hand back outcomes in completion order; save checkpoints locally."""
+
+    settings: WorkerSettings
+    checkpoint_dir: Path
+    address: str | None = None
+    cpus_per_task: float = 1
+    gpus_per_task: float = 1.0
+    gpus_per_training: float = 1.0
+    max_retries: int = 2
+    """How often Ray re-runs a task whose worker process died (results are keyed, so re-running is safe)."""
+    init_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    _pending: dict[Any, _Pending] = field(default_factory=dict, init=False)
+    _checkpoints: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.ray = import_ray(local=self.address is None)
+        self._started_here = False
+        if not self.ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, **self.init_kwargs}
+            if self.address is None:
+                kwargs.setdefault("_node_ip_address", "127.0.0.1")
+            try:
+                self.ray.init(address=self.address, **kwargs)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                raise RobustMatrixError(f"cannot start or reach {where}: {failure_reason(exc)}") from None
+            self._started_here = True
+        try:
+            self.settings = replace(self.settings, device=ray_device(self.settings.device, cluster_gpus(self.ray)))
+        except RobustMatrixError:
+            self.close()
+            raise
+        gpu = self.settings.device == "cuda"
+        common = {"max_retries": self.max_retries, "num_cpus": self.cpus_per_task}
+        remote = self.ray.remote
+        self._train = remote(train_task).options(num_returns=2, num_gpus=self.gpus_per_training if gpu else 0, **common)
+        self._evaluate = remote(evaluate_task).options(num_gpus=self.gpus_per_task if gpu else 0, **common)
+        self._cell = remote(cell_task).options(num_gpus=self.gpus_per_task if gpu else 0, **common)
+
+    # ------------------------------------------------------------------------- submitting
+    def submit(self, job: Job) -> None:
+        if isinstance(job, TrainingJob):
+            record_ref, checkpoint_ref = self._train.remote(self.settings, job)
+            self._pending[record_ref] = _Pending(job, time.monotonic(), checkpoint_ref)
+            return
+        if isinstance(job, EvaluationJob):
+            ref = self._evaluate.remote(self.settings, job, self._checkpoint(job.training))
+        else:
+            surrogate = self._checkpoint(job.surrogate) if job.surrogate is not None else None
+            ref = self._cell.remote(self.settings, job, self._checkpoint(job.training), surrogate)
+        self._pending[ref] = _Pending(job, time.monotonic())
+
+    def _checkpoint(self, training: TrainingJob) -> Any:
+        """The object-store reference of a defense's checkpoint (put once from the driver's file
+        when it was trained in an earlier run)."""
+        ref = self._checkpoints.get(training.training_key)
+        if ref is None:
+            path = self.checkpoint_dir / training.checkpoint
+            ref = self.ray.put(path.read_bytes())
+            self._checkpoints[training.training_key] = ref
+        return ref
+
+    # -------------------------------------------------------------------------- collecting
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def next_finished(self) -> Outcome | JobFailure:
+        (ref,), _ = self.ray.wait(list(self._pending), num_returns=1)
+        entry = self._pending.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - the worker died or the task was lost: only this job fails
+            return self._lost(entry.job, f"Ray task failed: {failure_reason(exc)}")
+        if isinstance(entry.job, TrainingJob):
+            return self._trained(entry, result)
+        return result
+
+    def _trained(self, entry: _Pending, outcome: Outcome | JobFailure) -> Outcome | JobFailure:
+        """Save a finished training's checkpoint beside the driver's database, then hand back its
+        record (the runner counts a training as done once both exist)."""
+        assert isinstance(entry.job, TrainingJob)
+        if not isinstance(outcome, TrainingRecord):
+            return outcome
+        try:
+            data = self.ray.get(entry.checkpoint)
+        except Exception as exc:  # noqa: BLE001
+            return JobFailure(entry.job, f"Ray lost the checkpoint: {failure_reason(exc)}")
+        path = self.checkpoint_dir / entry.job.checkpoint
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+        self._checkpoints[entry.job.training_key] = entry.checkpoint
+        return outcome
+
+    @staticmethod
+    def _lost(job: Job, reason: str) -> Outcome | JobFailure:
+        return failed_cell(job, reason) if isinstance(job, CellJob) else JobFailure(job, reason)
+
+    def close(self) -> None:
+        for ref in list(self._pending):
+            with contextlib.suppress(Exception):  # best effort on the way out
+                self.ray.cancel(ref, force=True)
+        self._pending.clear()
+        self._checkpoints.clear()
+        if self._started_here and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def cluster_gpus(ray: Any) -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def ray_device(name: str, gpus: float) -> str:
+    """The device Ray tasks use. Ray assigns each task its GPU, so only auto, cpu and cuda make sense."""
+    if re.fullmatch(r"cuda:[0-9]+", name):
+        raise RobustMatrixError(f"with --executor ray, Ray assigns GPUs to tasks: use --device cuda, not {name}")
+    if name not in ("auto", "cpu", "cuda"):
+        raise RobustMatrixError(f"bad device {name!r}: use auto, cpu or cuda")
+    if name == "cuda" and gpus <= 0:
+        raise RobustMatrixError("--device cuda but the Ray cluster has no GPUs")
+    if name == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    return name

@@ -1,0 +1,128 @@
+"""The Ray executor on a real local Ray instance (loopback only, 2 CPUs): a small matrix gives the
+same database as the local executor, and the driver alone writes it.
+
+Skipped where Ray is not installed (it is an optional extra); CI installs it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.ray_executor import LOCAL_ONLY_ENV
+from tests.components import components
+from tests.conftest import REPO, TINY_MATRIX, run_cli, write_matrix
+from tests.test_faults import BROKEN_DEFENSE, FAULTY
+from tests.test_runner import snapshot
+
+for _key, _value in LOCAL_ONLY_ENV.items():  # before Ray is imported: it reads them once
+    os.environ.setdefault(_key, _value)
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'robustmatrix[ray]'")
+
+
+@pytest.fixture(scope="module")
+def user_modules(tmp_path_factory) -> Path:
+    """A folder of user-written component modules, importable on the workers too."""
+    return tmp_path_factory.mktemp("user-modules")
+
+
+@pytest.fixture(scope="module")
+def local_ray(user_modules):
+    previous = os.getcwd()
+    os.chdir(REPO)  # workers start in the driver's folder and import robustmatrix from it
+    try:
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(user_modules), str(REPO)])}},
+        )
+    finally:
+        os.chdir(previous)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_listens_on_loopback_only(local_ray):
+    nodes = local_ray.nodes()
+    assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
+    assert local_ray.cluster_resources()["CPU"] == 2
+
+
+def test_a_small_matrix_on_ray_equals_the_local_executor(local_ray, tmp_path):
+    config = write_matrix(tmp_path / "matrix.toml", TINY_MATRIX)
+    on_ray = run_cli(
+        "run", "--config", str(config), "--quiet", "--executor", "ray", "--db", str(tmp_path / "ray" / "r.db"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert on_ray.code == 0, on_ray.stderr
+    assert "2 defenses trained, 8 cells computed" in on_ray.stderr
+    assert len(list((tmp_path / "ray" / "checkpoints").glob("*.pt"))) == 2, "the driver keeps the checkpoints"
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each Ray task runs with (--cpus-per-task 1): same sums, same bits
+    try:
+        local = run_cli("run", "--config", str(config), "--quiet", "--db", str(tmp_path / "local" / "r.db"))
+    finally:
+        torch.set_num_threads(threads)
+    assert local.code == 0, local.stderr
+    assert snapshot(tmp_path / "ray" / "r.db") == snapshot(tmp_path / "local" / "r.db")
+
+    again = run_cli("run", "--config", str(config), "--quiet", "--executor", "ray", "--db", str(tmp_path / "ray/r.db"))
+    assert again.code == 0 and "0 defenses trained, 0 cells computed, 8 already in" in again.stderr
+
+
+def test_bad_ray_options_are_one_line_errors(local_ray, tmp_path):
+    config = write_matrix(tmp_path / "matrix.toml", TINY_MATRIX)
+    for args, fragment in [
+        (["--device", "cuda:1"], "Ray assigns GPUs to tasks"),
+        (["--device", "cuda"], "the Ray cluster has no GPUs"),
+        (["--gpus-per-task", "0"], "--gpus-per-task must be a positive number"),
+    ]:
+        result = run_cli("run", "--config", str(config), "--executor", "ray", *args, "--db", str(tmp_path / "x.db"))
+        assert result.code == 2 and fragment in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "x.db").exists()
+    local = run_cli("run", "--config", str(config), "--address", "auto", "--db", str(tmp_path / "x.db"))
+    assert local.code == 2 and "use it with --executor ray" in local.stderr
+
+
+def test_faults_on_ray_cost_only_their_own_cells(local_ray, user_modules, tmp_path):
+    """A defense that cannot train, cells that raise, return NaN or run past their budget — in
+    modules the workers import by name — fail alone, with the same reasons as locally."""
+    source = FAULTY + BROKEN_DEFENSE.split("KWARGS, DATASET_KWARGS = with_training_defaults({})", 1)[1]
+    with components(user_modules, source):
+        config = write_matrix(
+            tmp_path / "matrix.toml",
+            """
+dataset = "digits"
+defenses = ["standard-v1", "broken-v1"]
+attacks = ["fgsm-linf-v1", "raising-linf-v1", "nan-linf-v1", "stuck-linf-v1"]
+n_eval = 60
+cell_timeout = 3
+[eps]
+linf = [0.3]
+[defense_kwargs."*"]
+epochs = 2
+""",
+        )
+        db = tmp_path / "r.db"
+        result = run_cli("run", "--config", str(config), "--quiet", "--executor", "ray", "--db", str(db))
+    assert result.code == 1, result.stderr
+    assert "4 failure(s); everything else completed" in result.stderr
+    assert "broken-v1 (seed 0): none of its cells ran: training failed: RuntimeError: deliberately broken" in (
+        result.stderr
+    )
+    connection = sqlite3.connect(db)
+    cells = dict(connection.execute("SELECT attack_id, coalesce(error, status) FROM cells").fetchall())
+    connection.close()
+    assert cells == {
+        "fgsm-linf-v1": "ok",
+        "raising-linf-v1": "ValueError: deliberately raising attack",
+        "nan-linf-v1": "NonFiniteResult: NaN/inf in the attack's adversarial examples (55 of 55 examples)",
+        "stuck-linf-v1": "timeout: cell exceeded its time budget of 3 s",
+    }

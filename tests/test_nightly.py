@@ -1,0 +1,174 @@
+"""The nightly job: a first run is the baseline; after a deliberate change to an attack the next run
+names exactly the changed cells and exits non-zero; an unchanged night reports nothing. The GitHub
+workflow runs the same commands as the README."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+
+import pytest
+
+from bench.nightly import compare, wilson_interval
+from tests.components import HEADER, components
+from tests.conftest import REPO, run_cli, write_matrix
+
+SCALED_FGSM = (
+    HEADER
+    + '''
+STRENGTH = 0.15
+
+
+@register_attack("scaled-fgsm-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))
+class ScaledFGSM(Attack):
+    """One signed-gradient step of STRENGTH x eps: the test makes it stronger between two nights."""
+
+    def generate(self, victim, x, y):
+        grad, _, _ = input_gradient(victim.model, x, y, loss_function("ce"))
+        return clip_to_threat(x, x + STRENGTH * self.eps * grad.sign(), "linf", self.eps)
+'''
+)
+
+NIGHTLY_MATRIX = """
+dataset = "digits"
+defenses = ["standard-v1"]
+attacks = ["fgsm-linf-v1", "scaled-fgsm-linf-v1"]
+n_eval = 80
+[eps]
+linf = [0.1, 0.3]
+[defense_kwargs."*"]
+epochs = 4
+"""
+
+
+def test_wilson_interval_matches_published_values():
+    low, high = wilson_interval(0, 10)
+    assert low == 0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    low, high = wilson_interval(81, 100)
+    assert (low, high) == (pytest.approx(0.7222, abs=1e-4), pytest.approx(0.8749, abs=1e-4))
+
+
+def _nightly(tmp_path, config, out):
+    return run_cli(
+        "nightly", "--config", str(config), "--db", str(tmp_path / "n.db"), "--out", str(out), "--quiet", cwd=tmp_path
+    )
+
+
+def test_two_nightly_runs_with_a_changed_attack_name_the_changed_cells(tmp_path):
+    config = write_matrix(tmp_path / "matrix.toml", NIGHTLY_MATRIX)
+    with components(tmp_path / "mods", SCALED_FGSM) as module:
+        first = _nightly(tmp_path, config, tmp_path / "night1")
+        assert first.code == 0, first.stderr
+        baseline = json.loads((tmp_path / "night1" / "regressions.json").read_text())
+        assert baseline["previous"] is None and baseline["regressed"] is False
+        assert "this one is the baseline" in (tmp_path / "night1" / "regressions.md").read_text()
+        assert (tmp_path / "night1" / "nightly_history.png").stat().st_size > 1000
+        assert (tmp_path / "night1" / "leaderboard.md").exists()
+
+        module.write(SCALED_FGSM.replace("STRENGTH = 0.15", "STRENGTH = 1.0"))
+        second = _nightly(tmp_path, config, tmp_path / "night2")
+        assert second.code == 1, second.stderr
+        assert "nightly regressions:" in second.stderr
+        report = json.loads((tmp_path / "night2" / "regressions.json").read_text())
+        assert report["regressed"] and report["previous"]["run_id"] == baseline["run"]["run_id"]
+        changed = {(c["defense"], c["attack"], c["threat"]) for c in report["changed_cells"]}
+        assert ("standard-v1", "scaled-fgsm-linf-v1", "linf 0.3") in changed
+        assert {attack for _, attack, _ in changed} == {"scaled-fgsm-linf-v1"}, "unchanged cells are not named"
+        for cell in report["changed_cells"]:
+            assert cell["after"] < cell["interval"][0] and cell["cause"] == "attack code changed"
+        (worst,) = report["worst_case"]
+        assert worst["defense"] == "standard-v1" and worst["changed"] == [], "FGSM already broke those examples"
+        assert report["attacks"] == {"added": [], "removed": []}
+        speed = {s["attack"]: s for s in report["attack_speed"]}
+        assert speed["scaled-fgsm-linf-v1"]["rerun"] and not speed["fgsm-linf-v1"]["rerun"]
+        markdown = (tmp_path / "night2" / "regressions.md").read_text()
+        assert re.search(r"\| standard-v1 \| scaled-fgsm-linf-v1 \| linf 0.3 \| 0 \|", markdown)
+        assert "attack code changed" in markdown and "![worst case per defense over nightly runs]" in markdown
+
+        third = _nightly(tmp_path, config, tmp_path / "night3")
+        assert third.code == 0, third.stderr
+        quiet = json.loads((tmp_path / "night3" / "regressions.json").read_text())
+        assert not quiet["regressed"] and quiet["changed_cells"] == []
+
+    connection = sqlite3.connect(tmp_path / "n.db")
+    runs = connection.execute("SELECT kind, status, git_commit, versions, device FROM runs ORDER BY run_id").fetchall()
+    covered = connection.execute("SELECT run_id, count() FROM run_cells GROUP BY run_id").fetchall()
+    connection.close()
+    assert [r[:2] for r in runs] == [("nightly", "ok")] * 3
+    assert all(json.loads(r[3])["torch"] and r[4] == "cpu" for r in runs)
+    assert [n for _, n in covered] == [4, 4, 4]
+
+
+def _snapshot(**overrides):
+    base = {
+        "run": {"run_id": 1, "started_at": "2026-01-01T00:00:00+00:00", "git_commit": None, "versions": {}},
+        "cells": [],
+        "worst_case": {},
+        "flags": {"a-v1": []},
+        "attack_speed": {"pgd-linf-v1": {"per_example": 0.001, "wall_time": 2.0, "computed": True}},
+        "defenses": ["a-v1", "b-v1"],
+        "attacks": ["pgd-linf-v1"],
+        "failures": [],
+    }
+    base.update(overrides)
+    return base
+
+
+def _worst(accuracy: float) -> dict:
+    return {"a-v1": {"mean": accuracy, "threats": {"linf 0.3": {"accuracy": accuracy, "n": 100}}}}
+
+
+def test_worst_cases_flags_removed_components_and_slowdowns_are_regressions():
+    before = _snapshot(worst_case=_worst(0.50))
+    after = _snapshot(
+        worst_case=_worst(0.38),
+        flags={"a-v1": ["randomized outputs"]},
+        defenses=["a-v1", "c-v1"],
+        attack_speed={"pgd-linf-v1": {"per_example": 0.0031, "wall_time": 6.2, "computed": True}},
+    )
+    report = compare(before, after, max_slowdown=1.5)
+    (worst,) = report["worst_case"]
+    assert worst["changed"][0]["threat"] == "linf 0.3" and worst["changed"][0]["interval"][0] > 0.38
+    assert compare(before, _snapshot(worst_case=_worst(0.42)))["worst_case"][0]["changed"] == [], "inside the CI"
+    assert report["flags"]["new"] == {"a-v1": ["randomized outputs"]}
+    assert report["defenses"] == {"added": ["c-v1"], "removed": ["b-v1"]}
+    assert report["attack_speed"][0]["slower"] and report["attack_speed"][0]["ratio"] == pytest.approx(3.1)
+    assert len(report["reasons"]) == 4 and report["regressed"]
+    cleared = compare(after, _snapshot(defenses=["a-v1", "c-v1"]), max_slowdown=4)
+    assert cleared["flags"]["cleared"] == {"a-v1": ["randomized outputs"]} and not cleared["regressed"]
+
+
+# ---------------------------------------------------------------------------------- workflow
+def _readme_install_commands() -> list[str]:
+    """The README's first command, split at '&&', without the final `robustmatrix run`."""
+    readme = (REPO / "README.md").read_text()
+    first = re.search(r"```bash\n(.+?)\n```", readme, re.S).group(1).strip()
+    commands = [c.strip() for c in first.split("&&")]
+    assert commands[-1] == "robustmatrix run"
+    return commands[:-1]
+
+
+def _readme_nightly_command() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### The nightly job") :]
+    return re.search(r"```bash\n(robustmatrix nightly[^\n]*)\n```", section).group(1).strip()
+
+
+def test_the_nightly_workflow_installs_and_runs_as_the_readme_says():
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the workflow (it comes with the test and ray extras)")
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "nightly.yml").read_text())
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+    assert "schedule" in triggers and triggers["schedule"][0]["cron"]
+    (job,) = workflow["jobs"].values()
+    steps = job["steps"]
+    runs = [step for step in steps if "run" in step]
+    install = [line.strip() for line in runs[0]["run"].strip().splitlines()]
+    assert install == _readme_install_commands()
+    nightly = [line.strip() for line in runs[1]["run"].strip().splitlines()]
+    assert nightly[0] == ". .venv/bin/activate" and nightly[1:] == [_readme_nightly_command()]
+    out = re.search(r"--out (\S+)", _readme_nightly_command()).group(1)
+    uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert uploads and uploads[0]["with"]["path"] == out and uploads[0].get("if") == "always()"
