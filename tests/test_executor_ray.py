@@ -6,6 +6,7 @@ Skipped where Ray is not installed (it is an optional extra); CI installs it."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -120,9 +121,13 @@ epochs = 2
     connection = sqlite3.connect(db)
     cells = dict(connection.execute("SELECT attack_id, coalesce(error, status) FROM cells").fetchall())
     connection.close()
+    # How many examples the NaN attack saw depends on the trained model (thread count), not on Ray.
+    assert re.fullmatch(
+        r"NonFiniteResult: NaN/inf in the attack's adversarial examples \((\d+) of \1 examples\)",
+        cells.pop("nan-linf-v1"),
+    )
     assert cells == {
         "fgsm-linf-v1": "ok",
         "raising-linf-v1": "ValueError: deliberately raising attack",
-        "nan-linf-v1": "NonFiniteResult: NaN/inf in the attack's adversarial examples (55 of 55 examples)",
         "stuck-linf-v1": "timeout: cell exceeded its time budget of 3 s",
     }
