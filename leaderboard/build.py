@@ -1,51 +1,94 @@
-"""``robustmatrix leaderboard``: rebuild every output file from the database alone."""
+"""``robustmatrix leaderboard``: rebuild every output file from the database alone.
+
+Writes into the output folder: leaderboard.md (tabulate), leaderboard.csv, leaderboard.json (the
+validated report), index.html (one self-contained page: every figure is embedded, no network
+request), and the figures as separate PNG files.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from tabulate import tabulate
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from bench.errors import RobustMatrixError
-from leaderboard.results import Results, load_results
-from leaderboard.tables import summary_table
+from bench.store import Store
+from leaderboard import plots
+from leaderboard.report import build_report
+from leaderboard.tables import markdown, wide_frame
+
+TEMPLATES = Path(__file__).parent / "templates"
+HISTORY_PNG = "nightly-history.png"
 
 
-def _markdown(results: Results, table: pd.DataFrame) -> str:
-    seeds = sorted(results.trainings["seed"].unique())
-    header = (
-        f"## {results.dataset}\n\n{results.n_eval} evaluation examples, "
-        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(str(s) for s in seeds)}. "
-        "Accuracies are fractions of the evaluation examples; *worst* columns count an example as "
-        "robust only if every attack at that threat model failed on it.\n"
-    )
-    shown = table.copy()
-    shown.insert(0, "rank", range(1, len(shown) + 1))
-    body = tabulate(shown, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f", missingval="–")
-    failures = ""
-    if not results.failed.empty:
-        lines = [
-            f"- {r.defense_id} × {r.attack_id} @ {r.norm} {r.eps:g}: {r.error}" for r in results.failed.itertuples()
-        ]
-        failures = "\n\nFailed cells (not counted):\n" + "\n".join(lines)
-    return header + "\n" + body + failures + "\n"
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _passes(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    env.filters.update(pct=_pct, ratio=_ratio, passes=_passes)
+    return env
+
+
+def _encoded(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _nightly_snapshots(db_path: Path) -> list[tuple[int, dict[str, Any]]]:
+    with Store.open_existing(db_path) as store:
+        present = {r[0] for r in store.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return store.nightly_snapshots() if "nightly" in present else []
 
 
 def write_leaderboard(db_path: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write leaderboard.md and leaderboard.csv into ``out_dir``; returns the paths written."""
-    all_results = load_results(db_path)
-    if not all_results:
+    """Write every leaderboard file into ``out_dir``; returns the paths written (leaderboard.md first)."""
+    db_path = Path(db_path)
+    report = build_report(db_path)
+    if not report["datasets"]:
         raise RobustMatrixError(f"{db_path} holds no evaluated defenses yet; run `robustmatrix run` first")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sections, frames = [], []
-    for results in all_results:
-        table = summary_table(results)
-        sections.append(_markdown(results, table))
-        frames.append(table.assign(dataset=results.dataset, n_eval=results.n_eval))
-    markdown = out / "leaderboard.md"
-    markdown.write_text("# robustmatrix leaderboard\n\n" + "\n".join(sections))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RobustMatrixError(f"cannot create the output folder {out}: {exc.strerror}") from None
+    several = len(report["datasets"]) > 1
+    written: list[Path] = []
+    figures: dict[str, dict[str, Any]] = {}
+    for data in report["datasets"]:
+        prefix = f"{data['dataset']}-" if several else ""
+        heat = plots.heatmap(data, out / f"{prefix}heatmap.png")
+        norms = sorted({t["norm"] for t in data["threat_models"]}, key=lambda n: plots.NORM_ORDER.get(n, 9))
+        curve_paths = [(norm, plots.curves(data, norm, out / f"{prefix}curves-{norm}.png")) for norm in norms]
+        written += [heat, *(p for _, p in curve_paths)]
+        figures[data["dataset"]] = {"heatmap": _encoded(heat), "curves": [(n, _encoded(p)) for n, p in curve_paths]}
+    snapshots = _nightly_snapshots(db_path)
+    history = plots.worst_case_history(snapshots, out / HISTORY_PNG) if snapshots else None
+    if history is not None:
+        written.append(history)
+
+    md = out / "leaderboard.md"
+    md.write_text("# robustmatrix leaderboard\n\n" + "\n".join(markdown(d) for d in report["datasets"]))
     csv = out / "leaderboard.csv"
-    pd.concat(frames, ignore_index=True).to_csv(csv, index=False)
-    return [markdown, csv]
+    pd.concat([wide_frame(d) for d in report["datasets"]], ignore_index=True).to_csv(csv, index=False)
+    js = out / "leaderboard.json"
+    js.write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    page = out / "index.html"
+    template = _environment().get_template("index.html.j2")
+    page.write_text(template.render(report=report, figures=figures, history=_encoded(history) if history else None))
+    return [md, csv, js, page, *written]

@@ -54,7 +54,9 @@ def test_run_stores_every_cell_and_writes_the_leaderboard(tiny_run):
     cells = snapshot(db)["cells"]
     assert len(cells) == 2 * 2 * 2  # defenses x attacks x eps
     assert {c[9] for c in cells} != {None}
-    assert (root / "results" / "leaderboard.md").read_text().count("| standard-v1") == 1
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "index.html", "heatmap.png"):
+        assert (root / "results" / name).exists(), name
+    assert "standard-v1" in (root / "results" / "leaderboard.md").read_text()
     assert "pgd-at-linf-v1" in (root / "results" / "leaderboard.csv").read_text()
     connection = sqlite3.connect(db)
     specs = {row[0]: json.loads(row[1]) for row in connection.execute("SELECT attack_id, spec FROM attacks")}

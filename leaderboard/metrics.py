@@ -1,0 +1,149 @@
+"""What the leaderboard computes: per-cell robust accuracy with Wilson intervals, the per-example
+worst case per threat model ("best known" robust accuracy), seen vs unseen threat models, and the
+competitive ratio of MultiRobustBench.
+
+Worst case is per example — an example counts as robust only if *every* attack at that threat
+model failed on it — then averaged: the mean of the minimum, never the minimum of the means
+(Carlini et al. 2019). With several seeds the examples of all seeds are pooled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Z_95 = 1.959963984540054
+WHITE_BOX = ("gradient", "adaptive")
+"""Families that see the model's gradients: only these can make a cell *seen* — a defense trained
+against a threat model has not been trained against black-box, transfer or noise attacks."""
+LP_NORMS = ("linf", "l2", "l1")
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A pooled robust accuracy: value, 95% Wilson interval, and the number of examples behind it."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, masks: Sequence[np.ndarray]) -> Estimate:
+        n = int(sum(len(m) for m in masks))
+        successes = int(sum(int(m.sum()) for m in masks))
+        low, high = wilson_interval(successes, n)
+        return cls(successes / n if n else float("nan"), low, high, n)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
+
+
+def is_seen(family: str, norm: str, eps: float, trained_against: Iterable[Mapping[str, Any]]) -> bool:
+    """A white-box cell inside a threat model the defense declares it was trained against."""
+    return family in WHITE_BOX and any(t["norm"] == norm and eps <= float(t["eps"]) + 1e-12 for t in trained_against)
+
+
+def threat_label(norm: str, eps: float) -> str:
+    return f"{norm} {eps:g}"
+
+
+def column_label(attack_id: str, norm: str, eps: float) -> str:
+    return f"{attack_id} {norm} {eps:g}"
+
+
+def worst_case(cells: pd.DataFrame) -> dict[tuple[str, float], dict[str, Any]]:
+    """Per threat model: the pooled per-example worst case over every attack, and the attack that
+    alone fools the most examples no other attack at that threat model fools ("decisive")."""
+    out = {}
+    for (norm, eps), group in cells.groupby(["norm", "eps"]):
+        per_seed = []
+        for _, seed_group in group.groupby("seed"):
+            per_seed.append(np.logical_and.reduce(list(seed_group["robust"])))
+        estimate = Estimate.of(per_seed)
+        strongest = group.groupby("attack_id")["robust_accuracy"].mean().sort_values(kind="stable")
+        out[(str(norm), float(eps))] = {
+            "estimate": estimate,
+            "strongest_attack": str(strongest.index[0]),
+            "attacks": int(group["attack_id"].nunique()),
+        }
+    return out
+
+
+def cell_table(cells: pd.DataFrame, trained_against: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (attack, eps) column of a defense, pooled over seeds."""
+    rows = []
+    for (attack_id, family, norm, eps), group in cells.groupby(["attack_id", "family", "norm", "eps"]):
+        estimate = Estimate.of(list(group["robust"]))
+        steps = group["steps"].dropna()
+        rows.append(
+            {
+                "attack": str(attack_id),
+                "family": str(family),
+                "norm": str(norm),
+                "eps": float(eps),
+                "steps": int(steps.iloc[0]) if len(steps) else None,
+                "seen": is_seen(str(family), str(norm), float(eps), trained_against),
+                "robust_accuracy": estimate.value,
+                "ci_low": estimate.low,
+                "ci_high": estimate.high,
+                "n": estimate.n,
+                "wall_time": float(group["wall_time"].sum()),
+                "forwards": int(group["forwards"].sum()),
+                "backwards": int(group["backwards"].sum()),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["norm"], r["eps"], r["attack"]))
+
+
+def add_relative_robustness(rows_by_defense: Mapping[str, list[dict[str, Any]]]) -> None:
+    """Competitive ratio per column (MultiRobustBench): accuracy / the best defense's accuracy on
+    that column; None where no defense is robust at all (the ratio is undefined)."""
+    best: dict[tuple[str, float, str], float] = {}
+    for rows in rows_by_defense.values():
+        for row in rows:
+            key = (row["attack"], row["eps"], row["norm"])
+            best[key] = max(best.get(key, 0.0), row["robust_accuracy"])
+    for rows in rows_by_defense.values():
+        for row in rows:
+            top = best[(row["attack"], row["eps"], row["norm"])]
+            row["relative"] = row["robust_accuracy"] / top if top > 0 else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def generalization(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Seen vs unseen summary of one defense: mean robust accuracy on each, gap, ratio, and the
+    average and worst competitive ratio over seen and unseen columns."""
+    seen = [r["robust_accuracy"] for r in rows if r["seen"]]
+    unseen = [r["robust_accuracy"] for r in rows if not r["seen"]]
+    seen_mean, unseen_mean = _mean(seen), _mean(unseen)
+    relative_seen = [r["relative"] for r in rows if r["seen"] and r.get("relative") is not None]
+    relative_unseen = [r["relative"] for r in rows if not r["seen"] and r.get("relative") is not None]
+    return {
+        "seen": seen_mean,
+        "unseen": unseen_mean,
+        "gap": seen_mean - unseen_mean if seen_mean is not None and unseen_mean is not None else None,
+        "ratio": unseen_mean / seen_mean if seen_mean and unseen_mean is not None else None,
+        "relative_seen_avg": _mean(relative_seen),
+        "relative_seen_worst": min(relative_seen) if relative_seen else None,
+        "relative_unseen_avg": _mean(relative_unseen),
+        "relative_unseen_worst": min(relative_unseen) if relative_unseen else None,
+    }
