@@ -57,6 +57,14 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
+def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """APGD-T's targeted DLR: z_t - z_y over z_pi1 - (z_pi3 + z_pi4) / 2 (needs at least 4 classes)."""
+    top = logits.sort(dim=1, descending=True).values
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wanted = logits.gather(1, target[:, None]).squeeze(1)
+    return (wanted - true) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "ce": ce_loss,
     "margin": margin_loss,
@@ -182,6 +190,22 @@ def steepest_ascent(grad: torch.Tensor, norm: str) -> torch.Tensor:
     raise ValueError(f"no steepest-ascent step for threat model {norm!r}")
 
 
+def sparse_l1_step(grad: torch.Tensor, x_adv: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Steepest ascent for L1 made practical (Tramer & Boneh's SLIDE): move only the coordinates
+    whose gradient is in the top (1 - sparsity) fraction, skipping those already pushed against the
+    [0, 1] box, with unit L1 norm per example."""
+    flat = grad.flatten(1)
+    position = x_adv.flatten(1)
+    blocked = ((position <= 0) & (flat < 0)) | ((position >= 1) & (flat > 0))
+    magnitude = flat.abs().masked_fill(blocked, 0.0)
+    k = max(1, int(round((1 - sparsity) * flat.shape[1])))
+    threshold = magnitude.topk(k, dim=1).values[:, -1:]
+    chosen = (magnitude >= threshold) & (magnitude > 0)
+    direction = flat.sign() * chosen
+    count = chosen.sum(dim=1, keepdim=True).clamp_min(1)
+    return (direction / count).view_as(grad)
+
+
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x).argmax(dim=1)
@@ -194,10 +218,16 @@ class Attack:
     """Base class. Subclasses set ``norm`` (or take it as a kwarg) and implement ``generate``.
 
     ``__call__`` checks the contract every attack keeps: the output has the input's shape, is
-    finite, lies in [0, 1] and — for bounded attacks — inside the eps-ball. A violation is a bug in
-    the attack and raises instead of being silently repaired."""
+    finite, lies in [0, 1] and inside the eps-ball. A violation is a bug in the attack and raises
+    instead of being silently repaired.
+
+    Minimum-norm attacks (``bounded = False``: CW, DeepFool, HopSkipJump) implement ``minimal``,
+    which may return perturbations of any size; ``__call__`` counts success only within eps — an
+    example whose minimal perturbation is larger reverts to the clean input — so one minimal run
+    serves every eps (the workbench caches it)."""
 
     norm: str = "linf"
+    bounded: bool = True
     spec: Any = None
     kwargs: dict[str, Any]
 
@@ -206,12 +236,23 @@ class Attack:
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.eps = float(eps)
 
-    def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def max_passes_per_example(self) -> tuple[int, int] | None:
         """Upper bound on (forwards, backwards) per example, or None if the attack does not declare one."""
         return None
+
+    def minimal(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Unbounded attacks: the smallest adversarial example found (or x where none was)."""
+        raise NotImplementedError
+
+    def within_eps(self, x: torch.Tensor, x_min: torch.Tensor) -> torch.Tensor:
+        """Threshold a minimal-perturbation result at eps: keep it where it fits, else the clean input."""
+        fits = perturbation_norm(x_min - x, self.norm) <= self.eps * (1 + 1e-6)
+        return torch.where(_per_example(fits, x), x_min, x)
+
+    def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.bounded:
+            raise NotImplementedError
+        return self.within_eps(x, self.minimal(victim, x, y))
 
     def __call__(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x_adv = self.generate(victim, x.detach(), y.detach()).detach()

@@ -14,6 +14,7 @@ from attacks.base import (
     loss_function,
     predict,
     random_start,
+    sparse_l1_step,
     steepest_ascent,
 )
 from bench.registry import register_attack
@@ -27,7 +28,15 @@ PGD_DEFAULTS = {
     "eot_samples": 1,
     "bpda": False,
     "early_stop": True,
+    "l1_sparsity": 0.9,
 }
+PUBLISHED = {
+    "mnist": {"steps": 100},
+    "mnist-t10k": {"steps": 100},
+    "fashion-mnist": {"steps": 100},
+    "cifar10": {"steps": 20},
+}
+"""Evaluation budgets from the papers, for GPU runs; digits keeps the quick 20 steps."""
 
 
 @register_attack(
@@ -35,7 +44,7 @@ PGD_DEFAULTS = {
     family="gradient",
     norm="linf",
     kwargs={"norm": "linf", **PGD_DEFAULTS},
-    dataset_kwargs={"mnist": {"steps": 40}, "cifar10": {"steps": 10}},
+    dataset_kwargs=PUBLISHED,
     description="Projected gradient descent, Linf, cross-entropy, random start",
 )
 class PGD(Attack):
@@ -54,6 +63,7 @@ class PGD(Attack):
         eot_samples: int = 1,
         bpda: bool = False,
         early_stop: bool = True,
+        l1_sparsity: float = 0.9,
     ) -> None:
         super().__init__(eps)
         if steps < 1 or restarts < 1 or eot_samples < 1:
@@ -67,6 +77,9 @@ class PGD(Attack):
         self.eot_samples = int(eot_samples)
         self.bpda = bool(bpda)
         self.early_stop = bool(early_stop)
+        if not 0 <= l1_sparsity < 1:
+            raise ValueError(f"l1_sparsity must be in [0, 1), got {l1_sparsity}")
+        self.l1_sparsity = float(l1_sparsity)
 
     def max_passes_per_example(self) -> tuple[int, int]:
         per_restart = self.steps * self.eot_samples
@@ -102,9 +115,68 @@ class PGD(Attack):
                 running, current, grad = running[keep], current[keep], grad[keep]
                 if len(running) == 0:
                     return best, fooled
-            stepped = current + self.step_size * steepest_ascent(grad, self.norm)
+            direction = (
+                sparse_l1_step(grad, current, self.l1_sparsity)
+                if self.norm == "l1"
+                else steepest_ascent(grad, self.norm)
+            )
+            stepped = current + self.step_size * direction
             x_adv[running] = clip_to_threat(x[running], stepped, self.norm, self.eps)
         last = x_adv[running]
         best[running] = last
         fooled[running] = predict(victim.model, last) != y[running]
         return best, fooled
+
+
+def _variant(attack_id: str, family: str, norm: str, description: str, applies_to: str = "always", **kwargs) -> None:
+    register_attack(
+        attack_id,
+        family=family,
+        norm=norm,
+        applies_to=applies_to,
+        kwargs={**PGD_DEFAULTS, "norm": norm, **kwargs},
+        dataset_kwargs=PUBLISHED,
+        description=description,
+    )(PGD)
+
+
+_variant("pgd-l2-v1", "gradient", "l2", "Projected gradient descent, L2, cross-entropy, random start")
+_variant("pgd-l1-v1", "gradient", "l1", "Projected gradient descent, L1, sparse steps (SLIDE), random start")
+for _norm in ("linf", "l2", "l1"):
+    if _norm != "l1":
+        _variant(
+            f"pgd-margin-{_norm}-v1",
+            "gradient",
+            _norm,
+            f"Logit-margin PGD, {_norm}: the Carlini-Wagner margin loss, which does not saturate with the softmax",
+            loss="margin",
+        )
+    _variant(
+        f"eot-pgd-{_norm}-v1",
+        "adaptive",
+        _norm,
+        f"EOT-PGD, {_norm}: gradients averaged over 6 draws of a randomized defense, all steps (Athalye et al. 2018)",
+        applies_to="randomized",
+        eot_samples=6,
+        # Stopping at the first misclassifying draw leaves a point that fools one draw of the
+        # randomness, not the next: against a randomized defense every step is taken.
+        early_stop=False,
+    )
+    _variant(
+        f"bpda-pgd-{_norm}-v1",
+        "adaptive",
+        _norm,
+        f"BPDA-PGD, {_norm}: backward pass through the defense's differentiable approximation, margin loss",
+        applies_to="non-differentiable",
+        bpda=True,
+        loss="margin",
+    )
+    _variant(
+        f"logit-pgd-{_norm}-v1",
+        "adaptive",
+        _norm,
+        f"Logit-space PGD, {_norm}: margin loss with 2 restarts, for defenses whose softmax saturates",
+        applies_to="saturated-softmax",
+        loss="margin",
+        restarts=2,
+    )

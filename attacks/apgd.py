@@ -1,0 +1,175 @@
+"""APGD (Croce & Hein 2020): PGD without a step size to tune. The step starts at 2·eps and is halved
+at checkpoints when progress stalls (too few loss increases since the last checkpoint, or no new
+best loss at an unchanged step), restarting from the best point found; updates carry momentum 0.75.
+With the cross-entropy loss (APGD-CE) or the scale-free DLR loss (APGD-DLR), Linf and L2.
+
+Batched and on the device; examples leave the batch the moment they are misclassified, restarts run
+only on examples still robust."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from attacks.base import (
+    Attack,
+    Victim,
+    clip_to_threat,
+    input_gradient,
+    loss_function,
+    predict,
+    random_start,
+    steepest_ascent,
+)
+from bench.registry import register_attack
+
+APGD_DEFAULTS = {"steps": 25, "restarts": 1, "rho": 0.75, "momentum": 0.75, "bpda": False}
+PUBLISHED = {
+    "mnist": {"steps": 100},
+    "mnist-t10k": {"steps": 100},
+    "fashion-mnist": {"steps": 100},
+    "cifar10": {"steps": 100},
+}
+
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits, labels, positions of the examples in the attacked batch) -> per-example loss."""
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iterations where the step size may be halved: p0 = 0, p1 = 0.22, p_{j+1} = p_j +
+    max(p_j - p_{j-1} - 0.03, 0.06), scaled to the budget."""
+    points, previous, current = [0.0], 0.0, 0.22
+    while current <= 1:
+        points.append(current)
+        previous, current = current, current + max(current - previous - 0.03, 0.06)
+    return sorted({math.ceil(p * steps) for p in points[1:] if math.ceil(p * steps) < steps})
+
+
+class APGD(Attack):
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "linf",
+        loss: str = "ce",
+        steps: int = 25,
+        restarts: int = 1,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        bpda: bool = False,
+    ) -> None:
+        super().__init__(eps)
+        if steps < 1 or restarts < 1:
+            raise ValueError("steps and restarts must be >= 1")
+        self.norm = norm
+        self.loss_name = loss
+        self.steps, self.restarts = int(steps), int(restarts)
+        self.rho, self.momentum, self.bpda = float(rho), float(momentum), bool(bpda)
+        self.checkpoints = set(checkpoints(self.steps))
+
+    def runs(self) -> int:
+        return self.restarts
+
+    def max_passes_per_example(self) -> tuple[int, int]:
+        return (self.steps + 1) * self.runs(), self.steps * self.runs()
+
+    def loss_for(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, run: int) -> Loss:
+        plain = loss_function(self.loss_name)
+        return lambda logits, labels, positions: plain(logits, labels)
+
+    def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        best = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for run in range(self.runs()):
+            todo = (~fooled).nonzero().squeeze(1)
+            if len(todo) == 0:
+                break
+            loss = self.loss_for(victim, x, y, run)
+            found_x, found = self._one_run(
+                victim, x[todo], y[todo], lambda lg, lb, pos, loss=loss, todo=todo: loss(lg, lb, todo[pos])
+            )
+            best[todo] = found_x
+            fooled[todo] = found
+        return best
+
+    def _step(self, x: torch.Tensor, point: torch.Tensor, grad: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+        size = eta.view(-1, *([1] * (x.dim() - 1)))
+        return clip_to_threat(x, point + size * steepest_ascent(grad, self.norm), self.norm, self.eps)
+
+    def _one_run(
+        self, victim: Victim, x: torch.Tensor, y: torch.Tensor, loss: Loss
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model = victim.differentiable(self.bpda)
+        n = len(x)
+        result = x.clone()
+        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+        # State of the examples still running, indexed by `alive` (positions in this batch).
+        alive = torch.arange(n, device=x.device)
+        current = random_start(x, self.norm, self.eps)
+        previous = current.clone()
+        eta = torch.full((n,), 2.0 * self.eps, device=x.device, dtype=x.dtype)
+        best_loss = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
+        best_point, best_grad = current.clone(), torch.zeros_like(x)
+        last_loss = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
+        increases = torch.zeros(n, device=x.device)
+        checkpoint_best = best_loss.clone()
+        reduced_since = torch.ones(n, dtype=torch.bool, device=x.device)
+        last_checkpoint = 0
+        for k in range(self.steps):
+            grad, values, logits = input_gradient(
+                model, current, y[alive], lambda lg, lb, alive=alive: loss(lg, lb, alive)
+            )
+            wrong = logits.argmax(dim=1) != y[alive]
+            if wrong.any():
+                result[alive[wrong]] = current[wrong]
+                fooled[alive[wrong]] = True
+                keep = ~wrong
+                alive, current, previous, grad, values = (
+                    alive[keep],
+                    current[keep],
+                    previous[keep],
+                    grad[keep],
+                    values[keep],
+                )
+                eta, best_loss, best_point, best_grad = eta[keep], best_loss[keep], best_point[keep], best_grad[keep]
+                last_loss, increases = last_loss[keep], increases[keep]
+                checkpoint_best, reduced_since = checkpoint_best[keep], reduced_since[keep]
+                if len(alive) == 0:
+                    return result, fooled
+            increases += (values > last_loss).float()
+            last_loss = values
+            better = values > best_loss
+            best_loss = torch.where(better, values, best_loss)
+            best_point[better], best_grad[better] = current[better], grad[better]
+            if k in self.checkpoints:
+                stalled = increases < self.rho * (k - last_checkpoint)
+                unchanged = ~reduced_since & (best_loss <= checkpoint_best)
+                halve = stalled | unchanged
+                eta = torch.where(halve, eta / 2, eta)
+                current[halve], grad[halve] = best_point[halve], best_grad[halve]
+                reduced_since = halve
+                checkpoint_best, increases, last_checkpoint = best_loss.clone(), torch.zeros_like(increases), k
+            target = self._step(x[alive], current, grad, eta)
+            if k == 0:
+                following = target
+            else:
+                mixed = current + self.momentum * (target - current) + (1 - self.momentum) * (current - previous)
+                following = clip_to_threat(x[alive], mixed, self.norm, self.eps)
+            previous, current = current, following
+        wrong = predict(victim.model, current) != y[alive]
+        result[alive] = torch.where(wrong.view(-1, *([1] * (x.dim() - 1))), current, best_point)
+        fooled[alive] = wrong
+        return result, fooled
+
+
+for _norm in ("linf", "l2"):
+    for _loss, _what in (("ce", "cross-entropy"), ("dlr", "DLR (scale-free logit ratio)")):
+        register_attack(
+            f"apgd-{_loss}-{_norm}-v1",
+            family="gradient",
+            norm=_norm,
+            kwargs={**APGD_DEFAULTS, "norm": _norm, "loss": _loss},
+            dataset_kwargs=PUBLISHED,
+            description=f"APGD, {_norm}, {_what}: step-size schedule, momentum, best point (Croce & Hein 2020)",
+        )(APGD)

@@ -1,0 +1,39 @@
+"""Transfer attack: PGD examples crafted on a surrogate — the undefended `standard` model of the same
+dataset and seed — and replayed on the defense. It touches the defense only to be scored, so it
+cannot be fooled by the defense's gradients: a transfer attack beating white-box attacks on a
+defense is a masking flag."""
+
+from __future__ import annotations
+
+import torch
+
+from attacks.base import Attack, Victim
+from attacks.pgd import PGD
+from bench.registry import register_attack
+
+
+class Transfer(Attack):
+    def __init__(self, eps: float, norm: str = "linf", steps: int = 20, restarts: int = 1) -> None:
+        super().__init__(eps)
+        self.norm = norm
+        self.crafter = PGD(eps, norm=norm, steps=steps, restarts=restarts, early_stop=False)
+
+    def max_passes_per_example(self) -> tuple[int, int]:
+        return 0, 0  # the defense is never queried; all work is on the surrogate
+
+    def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if victim.surrogate is None:
+            raise ValueError("the transfer attack needs a surrogate model (the runner provides standard-v1)")
+        return self.crafter(Victim(victim.surrogate, victim.num_classes), x, y)
+
+
+for _norm in ("linf", "l2"):
+    register_attack(
+        f"transfer-pgd-{_norm}-v1",
+        family="transfer",
+        norm=_norm,
+        needs_surrogate=True,
+        kwargs={"norm": _norm, "steps": 20, "restarts": 1},
+        dataset_kwargs={"mnist": {"steps": 100}, "cifar10": {"steps": 20}},
+        description=f"Transfer, {_norm}: PGD on the undefended standard-v1 model, replayed on the defense",
+    )(Transfer)
