@@ -72,6 +72,26 @@ def applies(attack: AttackSpec, nature: Mapping[str, Any], observed: Mapping[str
     return False
 
 
+FAMILY_ORDER = {"adaptive": 0, "gradient": 1, "score-based": 2, "decision-based": 3, "transfer": 4, "noise": 5}
+"""Cascade order: attacks the defense's nature calls for first, then white-box, then the rest."""
+
+
+def is_cascade(attack: AttackSpec) -> bool:
+    """A cascade (the adaptive worst case) takes its members as a kwarg."""
+    return "members" in attack.kwargs
+
+
+def cascade_members(cascade: AttackSpec, paired: list[AttackSpec]) -> list[AttackSpec]:
+    """What a cascade of this norm runs for a defense, in cascade order: every adaptive attack paired
+    with the defense (what its nature calls for), then the cascade's own standard members (AutoAttack's
+    choice: APGD-CE, APGD-T, Square) that are in the matrix."""
+    ids = {a.id for a in paired}
+    standard = [member for member, _ in cascade.kwargs["members"] if member in ids]
+    members = [a for a in paired if a.norm == cascade.norm and a.family == "adaptive" and not is_cascade(a)]
+    members += [a for a in paired if a.id in standard]
+    return sorted(members, key=lambda a: (FAMILY_ORDER.get(a.family, 9), a.id))
+
+
 def _overrides(tables: Mapping[str, Mapping[str, Any]], spec: DefenseSpec | AttackSpec) -> dict[str, Any]:
     """Matrix kwargs for one component: wildcard tables first (only kwargs it has), then its own table."""
     import fnmatch
@@ -161,12 +181,16 @@ class Runner:
         nature = defense.nature()
         observed = json.loads(evaluation["observed"])
         bpda_fallback = defense.bpda_approximation is None and behaves_non_differentiable(observed)
+        paired = [a for a in self.attacks if applies(a, nature, observed)]
         jobs = []
-        for attack in self.attacks:
-            if not applies(attack, nature, observed):
-                continue
-            surrogate = surrogates.get(training.seed) if attack.needs_surrogate else None
+        for attack in paired:
             kwargs = self.attack_kwargs[attack.id]
+            needs_surrogate = attack.needs_surrogate
+            if is_cascade(attack):
+                members = cascade_members(attack, paired)
+                kwargs = {**kwargs, "members": [[m.id, self.attack_kwargs[m.id]] for m in members]}
+                needs_surrogate = any(m.needs_surrogate for m in members)
+            surrogate = surrogates.get(training.seed) if needs_surrogate else None
             for eps in self.eps_grid(attack):
                 key = digest(
                     {
