@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from bench.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
 from bench.runner import RunSummary
 from bench.store import Store, decode_mask
 
@@ -63,30 +62,15 @@ def outside(before: float, after: float, n: int) -> tuple[bool, tuple[float, flo
 
 # ------------------------------------------------------------------------------- masking flags
 def flags_by_defense(db_path: str | Path) -> dict[str, set[str]]:
-    """INTEGRATION HOOK — the masking flags of each defense in the database (newest generation).
+    """The leaderboard's masking flags of each defense in the database (newest generation), as
+    stable keys; the nightly report diffs them between runs."""
+    from leaderboard.report import build_report
 
-    This minimal version reads only what the clean evaluation observed (the runner's probes); the
-    leaderboard's masking flags (branch ``leaderboard``) replace it at integration with the same
-    signature. The nightly report diffs whatever this returns."""
-    with Store.open_existing(db_path) as store:
-        rows = store.connection.execute(
-            "SELECT t.defense_id, t.seed, t.created_at AS trained, e.observed, e.created_at AS evaluated "
-            "FROM evaluations e JOIN trainings t ON t.training_key = e.training_key "
-            "ORDER BY t.created_at, e.created_at"
-        ).fetchall()
-    newest: dict[tuple[str, int], dict[str, Any]] = {}
-    for row in rows:  # ordered oldest first: the newest training and evaluation win
-        newest[(row["defense_id"], row["seed"])] = json.loads(row["observed"])
-    flags: dict[str, set[str]] = defaultdict(set)
-    for (defense_id, _), observed in newest.items():
-        flags[defense_id]  # every evaluated defense has an entry, maybe empty
-        if behaves_randomized(observed):
-            flags[defense_id].add("randomized outputs")
-        if behaves_non_differentiable(observed):
-            flags[defense_id].add("vanishing gradients (DLR)")
-        if behaves_saturated(observed):
-            flags[defense_id].add("saturated softmax or probability outputs")
-    return dict(flags)
+    flags: dict[str, set[str]] = {}
+    for data in build_report(db_path)["datasets"]:
+        for entry in data["defenses"]:
+            flags.setdefault(entry["defense"], set()).update(f["key"] for f in entry["flags"])
+    return flags
 
 
 # ------------------------------------------------------------------------------------ snapshot
@@ -387,38 +371,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def plot_worst_case_history(store: Store, out_path: str | Path) -> Path:
-    """A PNG of every defense's worst case (mean over threat models) across the nightly runs, for
-    the report and the leaderboard page."""
-    import matplotlib
+    """A PNG of every defense's worst case (mean over threat models) across the nightly runs (drawn
+    by the leaderboard, which also embeds it in its page)."""
+    from leaderboard.plots import worst_case_history
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    snapshots = store.nightly_snapshots()
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    labels = []
-    for position, (run_id, snapshot) in enumerate(snapshots):
-        labels.append(f"#{run_id}\n{snapshot['run']['started_at'][:10]}")
-        for defense, worst in snapshot["worst_case"].items():
-            series[defense].append((position, worst["mean"]))
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.0 + 0.7 * len(labels)), 4.0), dpi=110)
-    for defense, points in sorted(series.items()):
-        xs, ys = zip(*points, strict=True)
-        axes.plot(xs, ys, marker="o", label=defense)
-    axes.set_xticks(range(len(labels)), labels, fontsize=8)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_ylabel("worst-case robust accuracy (mean)")
-    axes.set_xlabel("nightly run")
-    axes.set_title("Worst case per defense over nightly runs")
-    axes.grid(alpha=0.3)
-    if series:
-        axes.legend(fontsize=8, loc="best")
-    figure.tight_layout()
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
-    plt.close(figure)
-    return out
+    return worst_case_history(store.nightly_snapshots(), Path(out_path))
 
 
 def record_and_report(

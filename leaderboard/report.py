@@ -22,6 +22,22 @@ from leaderboard.results import Results, load_results
 SCHEMA = "robustmatrix-leaderboard/1"
 
 
+def decisive_attack(worst: Mapping[tuple[str, float], Mapping[str, Any]]) -> str | None:
+    """The single attack that lowers this defense's worst case the most beyond every other attack
+    (summed over the Lp threat models where it is strongest); when no attack stands out, the one
+    strongest at the most threat models. It names what broke a defense."""
+    lp = {k: v for k, v in worst.items() if k[0] in ("linf", "l2", "l1")} or dict(worst)
+    lead: dict[str, float] = {}
+    wins: dict[str, int] = {}
+    for entry in lp.values():
+        name = entry["strongest_attack"]
+        lead[name] = lead.get(name, 0.0) + entry["strongest_margin"]
+        wins[name] = wins.get(name, 0) + 1
+    if not wins:
+        return None
+    return max(sorted(wins), key=lambda name: (lead[name], wins[name]))
+
+
 def _defense_entry(results: Results, defense_id: str, trainings, cells) -> dict[str, Any]:
     first = trainings.iloc[0]
     trained_against = list(first["trained_against"])
@@ -45,8 +61,10 @@ def _defense_entry(results: Results, defense_id: str, trainings, cells) -> dict[
         }
         for (norm, eps), entry in sorted(worst.items())
     ]
+    strongest = decisive_attack(worst)
     return {
         "defense": defense_id,
+        "strongest_attack": strongest,
         "source": str(first["source"]),
         "trained_against": trained_against,
         "nature": dict(first["nature"]),

@@ -65,6 +65,11 @@ def _declared_steps(spec_json: str) -> Any:
     return budget.get("steps")
 
 
+def _is_cascade(spec_json: str) -> bool:
+    """A cascade (the adaptive worst case) declares its member attacks as a kwarg."""
+    return "members" in (json.loads(spec_json).get("kwargs") or {})
+
+
 def load_results(db_path: str | Path, dataset: str | None = None) -> list[Results]:
     """Results per dataset (and evaluation size) found in the database, newest generation only."""
     with Store.open_existing(db_path) as store:
@@ -79,12 +84,15 @@ def load_results(db_path: str | Path, dataset: str | None = None) -> list[Result
     if dataset is not None:
         trainings = trainings[trainings["dataset"] == dataset]
     if not attacks.empty:
-        attacks = attacks.assign(steps=[_declared_steps(s) for s in attacks["spec"]])
-        cells = cells.merge(
-            attacks[["attack_id", "attack_version", "steps"]], on=["attack_id", "attack_version"], how="left"
+        attacks = attacks.assign(
+            steps=[_declared_steps(s) for s in attacks["spec"]], cascade=[_is_cascade(s) for s in attacks["spec"]]
         )
+        cells = cells.merge(
+            attacks[["attack_id", "attack_version", "steps", "cascade"]], on=["attack_id", "attack_version"], how="left"
+        )
+        cells["cascade"] = cells["cascade"].astype("boolean").fillna(False).astype(bool)
     else:
-        cells = cells.assign(steps=None)
+        cells = cells.assign(steps=None, cascade=False)
     out = []
     for name in sorted(trainings["dataset"].unique()):
         chosen = _newest(trainings[trainings["dataset"] == name], ["defense_id", "seed"])

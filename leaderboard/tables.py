@@ -20,6 +20,7 @@ SUMMARY_COLUMNS = [
     "unseen",
     "gap",
     "rel. unseen (avg)",
+    "strongest attack",
     "flags",
     "training (s)",
 ]
@@ -37,6 +38,7 @@ def summary_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
             "unseen": d["unseen"],
             "gap": d["gap"],
             "rel. unseen (avg)": d["relative_unseen_avg"],
+            "strongest attack": d["strongest_attack"],
             "flags": ", ".join(f["key"] for f in d["flags"]),
             "training (s)": d["training"]["wall_time"],
         }
