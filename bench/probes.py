@@ -35,6 +35,7 @@ def observe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any
     )
     observed: dict[str, Any] = {
         "examples": len(x),
+        "num_classes": int(first.shape[1]),
         "randomized": randomized,
         "max_output_difference": float((first - second).abs().max()) if len(x) else 0.0,
         "probability_like": probability_like,

@@ -313,7 +313,9 @@ class Workbench:
         targets = clean.nonzero().squeeze(1)
         batches = range(0, len(targets), job.batch_size)
         # Plugin attacks need only be callables; minimum-norm ones subclass Attack (bounded=False).
-        minimal = None if getattr(attack, "bounded", True) else self._minimal(job, attack, victim, x, y, targets, counter)
+        minimal = (
+            None if getattr(attack, "bounded", True) else self._minimal(job, attack, victim, x, y, targets, counter)
+        )
         for number, start in enumerate(batches):
             index = targets[start : start + job.batch_size]
             if minimal is None:

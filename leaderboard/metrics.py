@@ -56,7 +56,12 @@ class Estimate:
 
 def is_seen(family: str, norm: str, eps: float, trained_against: Iterable[Mapping[str, Any]]) -> bool:
     """A white-box cell inside a threat model the defense declares it was trained against."""
-    return family in WHITE_BOX and any(t["norm"] == norm and eps <= float(t["eps"]) + 1e-12 for t in trained_against)
+    return family in WHITE_BOX and threat_is_seen(norm, eps, trained_against)
+
+
+def threat_is_seen(norm: str, eps: float, trained_against: Iterable[Mapping[str, Any]]) -> bool:
+    """A threat model inside one the defense declares it was trained against (any attack)."""
+    return any(t["norm"] == norm and eps <= float(t["eps"]) + 1e-12 for t in trained_against)
 
 
 def threat_label(norm: str, eps: float) -> str:
@@ -122,32 +127,37 @@ def cell_table(cells: pd.DataFrame, trained_against: Sequence[Mapping[str, Any]]
     return sorted(rows, key=lambda r: (r["norm"], r["eps"], r["attack"]))
 
 
-def add_relative_robustness(rows_by_defense: Mapping[str, list[dict[str, Any]]]) -> None:
-    """Competitive ratio per column (MultiRobustBench): accuracy / the best defense's accuracy on
-    that column; None where no defense is robust at all (the ratio is undefined)."""
-    best: dict[tuple[str, float, str], float] = {}
-    for rows in rows_by_defense.values():
-        for row in rows:
-            key = (row["attack"], row["eps"], row["norm"])
-            best[key] = max(best.get(key, 0.0), row["robust_accuracy"])
-    for rows in rows_by_defense.values():
-        for row in rows:
-            top = best[(row["attack"], row["eps"], row["norm"])]
-            row["relative"] = row["robust_accuracy"] / top if top > 0 else None
+def add_relative_robustness(
+    entries_by_defense: Mapping[str, list[dict[str, Any]]], key: Sequence[str], value: str
+) -> None:
+    """Competitive ratio per column (MultiRobustBench): a defense's accuracy / the best defense's on
+    that column, stored as ``relative``; None where no defense is robust at all (undefined). A column
+    is the tuple of ``key`` fields: (attack, norm, eps) for cells, (norm, eps) for threat models."""
+    best: dict[tuple, float] = {}
+    for entries in entries_by_defense.values():
+        for entry in entries:
+            column = tuple(entry[k] for k in key)
+            best[column] = max(best.get(column, 0.0), entry[value])
+    for entries in entries_by_defense.values():
+        for entry in entries:
+            top = best[tuple(entry[k] for k in key)]
+            entry["relative"] = entry[value] / top if top > 0 else None
 
 
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def generalization(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Seen vs unseen summary of one defense: mean robust accuracy on each, gap, ratio, and the
-    average and worst competitive ratio over seen and unseen columns."""
-    seen = [r["robust_accuracy"] for r in rows if r["seen"]]
-    unseen = [r["robust_accuracy"] for r in rows if not r["seen"]]
+def generalization(cells: Sequence[Mapping[str, Any]], threats: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """Seen vs unseen summary of one defense: mean robust accuracy over seen and unseen cells, gap and
+    ratio; and the average and worst competitive ratio over seen and unseen threat models, taken on
+    the per-example worst case — per-attack columns would compare against a masked defense's
+    inflated number under an attack that cannot see through it."""
+    seen = [r["robust_accuracy"] for r in cells if r["seen"]]
+    unseen = [r["robust_accuracy"] for r in cells if not r["seen"]]
     seen_mean, unseen_mean = _mean(seen), _mean(unseen)
-    relative_seen = [r["relative"] for r in rows if r["seen"] and r.get("relative") is not None]
-    relative_unseen = [r["relative"] for r in rows if not r["seen"] and r.get("relative") is not None]
+    relative_seen = [t["relative"] for t in threats if t["seen"] and t.get("relative") is not None]
+    relative_unseen = [t["relative"] for t in threats if not t["seen"] and t.get("relative") is not None]
     return {
         "seen": seen_mean,
         "unseen": unseen_mean,

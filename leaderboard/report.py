@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from leaderboard.flags import masking_flags
-from leaderboard.metrics import Estimate, add_relative_robustness, cell_table, generalization, worst_case
+from leaderboard.metrics import (
+    Estimate,
+    add_relative_robustness,
+    cell_table,
+    generalization,
+    threat_is_seen,
+    worst_case,
+)
 from leaderboard.results import Results, load_results
 
 SCHEMA = "robustmatrix-leaderboard/1"
@@ -58,6 +65,7 @@ def _defense_entry(results: Results, defense_id: str, trainings, cells) -> dict[
             **entry["estimate"].as_dict(),
             "strongest_attack": entry["strongest_attack"],
             "attacks": entry["attacks"],
+            "seen": threat_is_seen(norm, eps, trained_against),
         }
         for (norm, eps), entry in sorted(worst.items())
     ]
@@ -89,9 +97,10 @@ def dataset_report(results: Results) -> dict[str, Any]:
     for defense_id, trainings in results.trainings.groupby("defense_id"):
         cells = results.cells[results.cells["defense_id"] == defense_id]
         defenses.append(_defense_entry(results, str(defense_id), trainings, cells))
-    add_relative_robustness({d["defense"]: d["cells"] for d in defenses})
+    add_relative_robustness({d["defense"]: d["cells"] for d in defenses}, ("attack", "norm", "eps"), "robust_accuracy")
+    add_relative_robustness({d["defense"]: d["worst_case_by_threat"] for d in defenses}, ("norm", "eps"), "value")
     for entry in defenses:
-        entry.update(generalization(entry["cells"]))
+        entry.update(generalization(entry["cells"], entry["worst_case_by_threat"]))
     defenses.sort(
         key=lambda d: (d["worst_case"] is None, -(d["worst_case"] or 0.0), -d["clean"]["value"], d["defense"])
     )
@@ -182,6 +191,7 @@ def validate(report: Mapping[str, Any]) -> None:
                 _number(entry[key], f"{at}.{key}", optional=True)
             for threat in entry["worst_case_by_threat"]:
                 _estimate(threat, f"{at}.worst_case_by_threat[{threat['norm']} {threat['eps']}]")
+                _number(threat["relative"], f"{at}.worst_case_by_threat.relative", optional=True)
             for cell in entry["cells"]:
                 _number(cell["eps"], f"{at}.cells.eps")
                 _number(cell["robust_accuracy"], f"{at}.cells[{cell['attack']}].robust_accuracy", fraction=True)

@@ -75,9 +75,29 @@ def test_generalization_summary_and_competitive_ratio(tmp_path):
     assert cells["pgd-linf-v1"]["seen"] and not cells["pgd-l2-v1"]["seen"]
     assert cells["pgd-linf-v1"]["relative"] == pytest.approx(1.0)
     assert cells["pgd-l2-v1"]["relative"] == pytest.approx(0.25)
+    threats = {t["norm"]: t for t in linf["worst_case_by_threat"]}
+    assert threats["linf"]["seen"] and not threats["l2"]["seen"]
+    assert threats["l2"]["relative"] == pytest.approx(0.25)
     assert linf["relative_unseen_worst"] == pytest.approx(0.25)
     l2 = _entry(report, "l2-at-v1")
     assert l2["relative_seen_avg"] == pytest.approx(1.0) and l2["relative_unseen_avg"] == pytest.approx(0.5)
+
+
+def test_competitive_ratio_is_taken_on_the_worst_case_not_on_attacks_a_masked_defense_fools(tmp_path):
+    """A masked defense tops the plain-PGD column; its worst case (BPDA) does not. The ratio of an
+    honest defense must not be dragged down by the masked one's inflated PGD number."""
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense("honest-v1", {("pgd-linf-v1", 0.2): 0.5}, trained_against=LINF_02),
+            FakeDefense("masked-v1", {("pgd-linf-v1", 0.2): 0.95, ("bpda-pgd-linf-v1", 0.2): 0.02}),
+        ],
+    )
+    report = build_report(db)
+    honest = _entry(report, "honest-v1")
+    assert {c["attack"]: c["relative"] for c in honest["cells"]}["pgd-linf-v1"] == pytest.approx(0.5 / 0.95)
+    assert honest["relative_seen_avg"] == pytest.approx(1.0)
+    assert _entry(report, "masked-v1")["relative_unseen_avg"] == pytest.approx(0.02 / 0.5)
 
 
 def test_rank_uses_the_adaptive_worst_case_never_a_weaker_attack(tmp_path):
