@@ -22,7 +22,6 @@ worst case over all nightly runs (``nightly_history.png``).
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,8 +31,8 @@ import numpy as np
 
 from bench.runner import RunSummary
 from bench.store import Store, decode_mask
+from leaderboard.metrics import wilson_interval
 
-Z_95 = 1.959963984540054
 HISTORY_PLOT = "nightly_history.png"
 REPORT_MD = "regressions.md"
 REPORT_JSON = "regressions.json"
@@ -41,17 +40,6 @@ DEFAULT_MAX_SLOWDOWN = 1.5
 MIN_TIMED_SECONDS = 1.0
 """An attack whose re-run cells took less than this in total is not flagged as slower: at that
 scale wall time measures the machine's load, not the attack."""
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: sound near 0 and 1, where the normal one is not."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def outside(before: float, after: float, n: int) -> tuple[bool, tuple[float, float]]:

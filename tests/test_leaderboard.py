@@ -30,6 +30,7 @@ def _flags(entry):
 def test_wilson_interval_matches_known_values():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(81, 100) == pytest.approx((0.7222, 0.8749), abs=1e-4)
     low, high = wilson_interval(90, 100)
     assert low < 0.9 < high and high - low < 0.13
 

@@ -10,7 +10,7 @@ import sqlite3
 
 import pytest
 
-from bench.nightly import compare, wilson_interval
+from bench.nightly import compare
 from tests.components import HEADER, components
 from tests.conftest import REPO, run_cli, write_matrix
 
@@ -40,15 +40,6 @@ linf = [0.1, 0.3]
 [defense_kwargs."*"]
 epochs = 4
 """
-
-
-def test_wilson_interval_matches_published_values():
-    low, high = wilson_interval(0, 10)
-    assert low == 0 and high == pytest.approx(0.2775, abs=1e-4)
-    low, high = wilson_interval(5, 10)
-    assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    low, high = wilson_interval(81, 100)
-    assert (low, high) == (pytest.approx(0.7222, abs=1e-4), pytest.approx(0.8749, abs=1e-4))
 
 
 def _nightly(tmp_path, config, out):
