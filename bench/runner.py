@@ -82,14 +82,22 @@ def is_cascade(attack: AttackSpec) -> bool:
 
 
 def cascade_members(cascade: AttackSpec, paired: list[AttackSpec]) -> list[AttackSpec]:
-    """What a cascade of this norm runs for a defense, in cascade order: every adaptive attack paired
-    with the defense (what its nature calls for), then the cascade's own standard members (AutoAttack's
-    choice: APGD-CE, APGD-T, Square) that are in the matrix."""
-    ids = {a.id for a in paired}
-    standard = [member for member, _ in cascade.kwargs["members"] if member in ids]
-    members = [a for a in paired if a.norm == cascade.norm and a.family == "adaptive" and not is_cascade(a)]
-    members += [a for a in paired if a.id in standard]
-    return sorted(members, key=lambda a: (FAMILY_ORDER.get(a.family, 9), a.id))
+    """What a cascade runs for a defense: every other attack paired with the defense at the cascade's
+    norm — so its worst case is over all of them — in cascade order: the adaptive attacks the defense's
+    nature calls for, then white-box, score-based, decision-based, transfer and noise; within a family,
+    the cheapest first (a cheap attack that succeeds spares the expensive ones that example)."""
+    members = [a for a in paired if a.norm == cascade.norm and not is_cascade(a)]
+    return sorted(members, key=lambda a: (FAMILY_ORDER.get(a.family, 9), _cost(a), a.id))
+
+
+def _cost(attack: AttackSpec) -> int:
+    """Declared budget as a rough cost: gradient steps x restarts, or queries; unknown last."""
+    budget = attack.budget()
+    if budget.queries:
+        return int(budget.queries) * max(1, int(budget.restarts or 1))
+    if budget.steps:
+        return int(budget.steps) * max(1, int(budget.restarts or 1))
+    return 10**9
 
 
 def _overrides(tables: Mapping[str, Mapping[str, Any]], spec: DefenseSpec | AttackSpec) -> dict[str, Any]:

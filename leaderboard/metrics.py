@@ -127,11 +127,16 @@ def cell_table(cells: pd.DataFrame, trained_against: Sequence[Mapping[str, Any]]
     return sorted(rows, key=lambda r: (r["norm"], r["eps"], r["attack"]))
 
 
+RATIO_FLOOR = 0.05
+"""The competitive ratio is left undefined on a column where no defense keeps this much robust
+accuracy: near zero one example decides it (0.004 vs 0.000 would read as a ratio of 0)."""
+
+
 def add_relative_robustness(
     entries_by_defense: Mapping[str, list[dict[str, Any]]], key: Sequence[str], value: str
 ) -> None:
     """Competitive ratio per column (MultiRobustBench): a defense's accuracy / the best defense's on
-    that column, stored as ``relative``; None where no defense is robust at all (undefined). A column
+    that column, stored as ``relative``; None where the best is below RATIO_FLOOR. A column
     is the tuple of ``key`` fields: (attack, norm, eps) for cells, (norm, eps) for threat models."""
     best: dict[tuple, float] = {}
     for entries in entries_by_defense.values():
@@ -141,7 +146,7 @@ def add_relative_robustness(
     for entries in entries_by_defense.values():
         for entry in entries:
             top = best[tuple(entry[k] for k in key)]
-            entry["relative"] = entry[value] / top if top > 0 else None
+            entry["relative"] = entry[value] / top if top >= RATIO_FLOOR else None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -16,7 +16,7 @@ from bench.counting import CountingModel, PassCounter
 from bench.jobs import TrainingJob
 from bench.keys import seed_everything
 from bench.registry import ATTACKS, DEFENSES
-from bench.runner import Runner, cascade_members
+from bench.runner import FAMILY_ORDER, Runner, cascade_members
 from bench.store import encode_mask
 from defenses.base import StraightThrough
 from tests.conftest import train_defense
@@ -112,10 +112,15 @@ def test_runner_adds_adaptive_attacks_for_observed_behaviour(runner, observed, e
 def test_cascade_members_follow_the_defense(runner):
     members = [m for m, _ in _planned(runner, "random-resize-pad-v1", QUIET)["adaptive-worst-case-linf-v1"]["members"]]
     assert members[0] == "eot-pgd-linf-v1", "adaptive attacks run first"
-    assert {"apgd-ce-linf-v1", "apgd-t-linf-v1", "square-linf-v1"} <= set(members), "then AutoAttack's standard set"
-    assert not {"noise-linf-v1", "adaptive-worst-case-linf-v1"} & set(members)
-    paired = [ATTACKS.get(a) for a in ATTACKS.ids()]
-    assert all(m.bounded for m in cascade_members(ATTACKS.get("adaptive-worst-case-l2-v1"), paired))
+    linf_attacks = {a for a in ATTACKS.ids() if ATTACKS.get(a).norm == "linf"}
+    paired = {a for a in linf_attacks if not a.startswith(("bpda-", "logit-", "adaptive-worst-case"))}
+    assert set(members) == paired, "every attack paired at the norm, so the worst case is over all of them"
+    families = [ATTACKS.get(m).family for m in members]
+    assert families == sorted(families, key=FAMILY_ORDER.__getitem__), "adaptive, white-box, then the rest"
+    assert members.index("fgsm-linf-v1") < members.index("apgd-ce-linf-v1"), "cheapest first within a family"
+    every = [ATTACKS.get(a) for a in ATTACKS.ids()]
+    l2 = [m.id for m in cascade_members(ATTACKS.get("adaptive-worst-case-l2-v1"), every)]
+    assert "cw-l2-v1" in l2 and "hopskipjump-l2-v1" in l2 and not any(m.startswith("adaptive") for m in l2)
 
 
 # ---------------------------------------------------------------------------------------- cascade

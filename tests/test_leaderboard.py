@@ -275,3 +275,16 @@ def test_an_empty_database_is_a_clear_error(tmp_path):
     Store.open(tmp_path / "empty.db").close()
     with pytest.raises(RobustMatrixError, match="holds no evaluated defenses yet"):
         write_leaderboard(tmp_path / "empty.db", tmp_path / "out")
+
+
+def test_competitive_ratio_is_undefined_where_no_defense_keeps_five_percent(tmp_path):
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense("a-v1", {("pgd-linf-v1", 0.2): 0.5, ("pgd-linf-v1", 0.3): 0.01}, trained_against=LINF_02),
+            FakeDefense("b-v1", {("pgd-linf-v1", 0.2): 0.25, ("pgd-linf-v1", 0.3): 0.0}, trained_against=LINF_02),
+        ],
+    )
+    report = build_report(db)
+    b = {t["eps"]: t["relative"] for t in _entry(report, "b-v1")["worst_case_by_threat"]}
+    assert b == {0.2: pytest.approx(0.5), 0.3: None}, "one example out of a hundred sets no bar"
