@@ -302,21 +302,25 @@ class Workbench:
         counter.backwards += backwards
         return result
 
-    def _attack(self, job: CellJob, counter: PassCounter, budget: Budget) -> tuple[np.ndarray, float | None]:
+    def adversarial_batches(
+        self, job: CellJob, counter: PassCounter | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """A cell's adversarial examples, batch by batch, on its clean-correct examples: (indices into
+        the evaluation set, adversarial examples, whether the deployed defense still classifies them
+        correctly). Seeded from the cell's key, so calling this again re-creates what the stored cell
+        measured (exactly, for a deterministic defense)."""
+        counter = counter if counter is not None else PassCounter()
         victim, deployed = self._victim(job, counter)
         x, y = self.eval_set(job.n_eval)
         clean = torch.from_numpy(decode_mask(job.clean_mask, job.n_eval)).to(self.device)
         seed_everything(seed_from(job.cell_key))
         attack = ATTACKS.get(job.attack_id).make(job.training.dataset, job.attack_kwargs, eps=job.eps)
-        robust = torch.zeros(job.n_eval, dtype=torch.bool, device=self.device)
-        norms = []
         targets = clean.nonzero().squeeze(1)
-        batches = range(0, len(targets), job.batch_size)
         # Plugin attacks need only be callables; minimum-norm ones subclass Attack (bounded=False).
         minimal = (
             None if getattr(attack, "bounded", True) else self._minimal(job, attack, victim, x, y, targets, counter)
         )
-        for number, start in enumerate(batches):
+        for start in range(0, len(targets), job.batch_size):
             index = targets[start : start + job.batch_size]
             if minimal is None:
                 x_adv = attack(victim, x[index], y[index])
@@ -327,12 +331,19 @@ class Workbench:
             with torch.no_grad():
                 logits = deployed(x_adv)
             _require_finite(logits, "the defense's outputs on the adversarial examples")
-            still_correct = logits.argmax(dim=1) == y[index]
+            yield index, x_adv, logits.argmax(dim=1) == y[index]
+
+    def _attack(self, job: CellJob, counter: PassCounter, budget: Budget) -> tuple[np.ndarray, float | None]:
+        x, _ = self.eval_set(job.n_eval)
+        robust = torch.zeros(job.n_eval, dtype=torch.bool, device=self.device)
+        norms = []
+        batches = -(-int(decode_mask(job.clean_mask, job.n_eval).sum()) // job.batch_size)
+        for number, (index, x_adv, still_correct) in enumerate(self.adversarial_batches(job, counter)):
             robust[index] = still_correct
             if job.norm in ("linf", "l2", "l1") and (~still_correct).any():
                 norms.append(perturbation_norm((x_adv - x[index])[~still_correct], job.norm))
             if self.on_batch is not None:
-                self.on_batch(number + 1, len(batches))
+                self.on_batch(number + 1, batches)
             budget.check()
         mean_norm = float(torch.cat(norms).mean()) if norms else None
         if mean_norm is not None and not math.isfinite(mean_norm):

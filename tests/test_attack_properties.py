@@ -3,13 +3,14 @@ tested the moment it is registered (the timm pattern)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from attacks.base import Victim, perturbation_norm
+from attacks.base import Victim, perturbation_norm, predict
 from bench.counting import CountingModel, PassCounter
 from bench.keys import seed_everything
-from bench.registry import ATTACKS
+from bench.registry import ATTACKS, DEFENSES
 
 TEST_EPS = {"linf": 0.2, "l2": 1.5, "l1": 6.0}
 N_EXAMPLES = 40
@@ -78,3 +79,57 @@ def test_declared_budget_is_respected(attack_id, standard_digits, eval_batch):
     forwards, backwards = bound
     assert counter.forwards <= forwards * len(x)
     assert counter.backwards <= backwards * len(x)
+
+
+# ------------------------------------------------------------------- what the store says is true
+
+
+@pytest.fixture(scope="module")
+def standard_cells(digits, tmp_path_factory):
+    """Every registered attack's cells against a small trained standard model, through the real
+    runner and workbench (one eps per norm, 40 examples)."""
+    import json
+
+    from bench.config import MatrixSpec
+    from bench.runner import Runner
+    from bench.store import encode_mask
+    from bench.workbench import Workbench
+
+    spec = MatrixSpec(
+        defenses=("standard-v1",),
+        eps={"linf": (0.2,), "l2": (1.0,), "l1": (2.0,), "spatial": (20.0,)},
+        n_eval=N_EXAMPLES,
+        defense_kwargs={"*": {"epochs": 4}},
+    )
+    runner = Runner(spec, digits, executor=None)
+    workbench = Workbench("digits", torch.device("cpu"), tmp_path_factory.mktemp("checkpoints"))
+    training = runner.training_job(DEFENSES.get("standard-v1"), 0)
+    workbench.train(training)
+    evaluation = workbench.evaluate(runner.evaluation_job(training))
+    row = {"observed": json.dumps(dict(evaluation.observed)), "clean_mask": encode_mask(evaluation.clean_mask)}
+    jobs = {job.attack_id: job for job in runner.cell_jobs(training, row, {0: training})}
+    return workbench, jobs, evaluation.clean_mask
+
+
+def test_every_attack_has_a_cell(standard_cells):
+    _, jobs, _ = standard_cells
+    paired = {a for a in ALL_ATTACKS if ATTACKS.get(a).applies_to == "always"}
+    assert paired <= set(jobs), sorted(paired - set(jobs))
+
+
+@pytest.mark.parametrize("attack_id", [a for a in ALL_ATTACKS if ATTACKS.get(a).applies_to == "always"])
+def test_a_stored_success_is_an_example_the_model_gets_wrong(attack_id, standard_cells, eval_batch):
+    """The cell's success mask is exactly the clean-correct examples whose adversarial example the
+    deployed model misclassifies — never one it still classifies correctly."""
+    workbench, jobs, clean_mask = standard_cells
+    job = jobs[attack_id]
+    record = workbench.run_cell(job)
+    assert record.status == "ok", record.error
+    _, y = workbench.eval_set(job.n_eval)
+    fooled = np.zeros(job.n_eval, dtype=bool)
+    for index, x_adv, still_correct in workbench.adversarial_batches(job):
+        assert torch.equal(still_correct, predict(workbench.load(job.training).deployed, x_adv) == y[index])
+        fooled[index.numpy()] = ~still_correct.numpy()
+    assert fooled.any() or attack_id.startswith("noise"), "a real attack on an undefended model fools some"
+    assert np.array_equal(record.success_mask, fooled & clean_mask)
+    assert not (record.robust_mask & fooled).any()
