@@ -33,6 +33,7 @@ FLAGS = {
     "zero-gradients": "input gradients vanish on some examples",
     "probability-outputs": "outputs look like probabilities",
     "undeclared-randomness": "outputs change between identical forward passes, not declared randomized",
+    "clean-near-chance": "clean accuracy is near chance: training failed, robust accuracy means nothing",
 }
 """Stable keys (used in the JSON and by the nightly report) and their one-line meaning."""
 
@@ -91,9 +92,12 @@ def masking_flags(
     observed: Mapping[str, Any],
     nature: Mapping[str, Any],
     num_classes: int,
+    clean: float | None = None,
 ) -> list[Flag]:
     """Every diagnostic that fires for one defense, in the order of FLAGS."""
     found: list[Flag] = []
+    if clean is not None and clean <= 1.0 / num_classes + NEAR_CHANCE_MARGIN:
+        found.append(Flag("clean-near-chance", f"clean accuracy {_pct(clean)} (chance {_pct(1.0 / num_classes)})"))
     for (norm, eps), group in _by_threat(rows).items():
         where = f"{norm} {eps:g}"
         gradient = [r for r in group if r["family"] == "gradient"]

@@ -57,7 +57,8 @@ def _defense_entry(results: Results, defense_id: str, trainings, cells) -> dict[
                 observed[key] = observed.get(key, False) or value
             elif isinstance(value, (int, float)) and isinstance(observed.get(key), (int, float)):
                 observed[key] = max(observed[key], value)
-    flags = masking_flags(rows, worst, observed, first["nature"], results.num_classes)
+    clean = Estimate.of(list(trainings["clean"]))
+    flags = masking_flags(rows, worst, observed, first["nature"], results.num_classes, clean.value)
     by_threat = [
         {
             "norm": norm,
@@ -77,7 +78,7 @@ def _defense_entry(results: Results, defense_id: str, trainings, cells) -> dict[
         "trained_against": trained_against,
         "nature": dict(first["nature"]),
         "kwargs": dict(first["kwargs"]),
-        "clean": Estimate.of(list(trainings["clean"])).as_dict(),
+        "clean": clean.as_dict(),
         "worst_case": float(np.mean([t["value"] for t in by_threat])) if by_threat else None,
         "worst_case_by_threat": by_threat,
         "flags": [{"key": f.key, "title": f.title, "evidence": f.evidence} for f in flags],

@@ -288,3 +288,16 @@ def test_competitive_ratio_is_undefined_where_no_defense_keeps_five_percent(tmp_
     report = build_report(db)
     b = {t["eps"]: t["relative"] for t in _entry(report, "b-v1")["worst_case_by_threat"]}
     assert b == {0.2: pytest.approx(0.5), 0.3: None}, "one example out of a hundred sets no bar"
+
+
+def test_a_collapsed_training_is_flagged(tmp_path):
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense("collapsed-v1", {("pgd-linf-v1", 0.2): 0.1}, clean=0.1),
+            FakeDefense("fine-v1", {("pgd-linf-v1", 0.2): 0.0}, clean=0.9),
+        ],
+    )
+    report = build_report(db)
+    assert "clean accuracy 10.0% (chance 10.0%)" in _flags(_entry(report, "collapsed-v1"))["clean-near-chance"]
+    assert "clean-near-chance" not in _flags(_entry(report, "fine-v1"))
