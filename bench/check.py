@@ -32,8 +32,9 @@ PASS, WARN, FAIL = "pass", "warn", "fail"
 CHECK_TRAIN_EXAMPLES = 320
 """Size of the training slice ``check`` trains on: enough to learn something, small enough for seconds."""
 CHECK_EVAL_EXAMPLES = 64
-CHECK_EPS = {"linf": (0.1, 0.3), "l2": (0.5, 1.5), "l1": (2.0, 6.0)}
-"""Radii an attack plugin is checked at when it declares no eps grid of its own."""
+LP_NORMS = ("linf", "l2", "l1")
+CHECK_EPS = {"linf": (0.1, 0.3), "l2": (0.5, 1.5), "l1": (2.0, 6.0), "spatial": (10.0, 30.0)}
+"""Radii an attack plugin is checked at when it declares no eps grid of its own (spatial: degrees)."""
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ def check_attack(spec: AttackSpec, data: Dataset, device: torch.device, seed: in
         label = f"eps {eps:g}"
         inside = bool(x_adv.min() >= 0 and x_adv.max() <= 1)
         evidence = f"{label}: values in [{x_adv.min():.3g}, {x_adv.max():.3g}]"
-        if spec.norm in CHECK_EPS:
+        if spec.norm in LP_NORMS:
             size = float(perturbation_norm(x_adv - x, spec.norm).max())
             inside = inside and size <= eps * (1 + 1e-4) + 1e-5
             evidence += f", largest {spec.norm} perturbation {size:.4g}"

@@ -143,6 +143,12 @@ def test_attack_checks(digits, cpu):
     assert "3.0 forwards" in _status(over[:5], "budget respected")[1]
 
 
+def test_a_non_lp_attack_is_checked_at_real_radii(digits, cpu):
+    findings = check_attack(ATTACKS.get("spatial-v1"), digits, cpu)
+    assert {f.status for f in findings} == {PASS}, findings
+    assert {f.evidence.split(":")[0] for f in findings if f.check == "inside the threat model"} == {"eps 10", "eps 30"}
+
+
 def test_check_cli_exit_codes_and_unknown_ids():
     ok = run_cli("check", "standard-v1", "--device", "cpu")
     assert ok.code == 0 and "passed: 0 failure(s)" in ok.stdout
