@@ -116,11 +116,12 @@ class APGD(Attack):
         checkpoint_best = best_loss.clone()
         reduced_since = torch.ones(n, dtype=torch.bool, device=x.device)
         last_checkpoint = 0
+        x_run, y_run = x, y  # x[alive], y[alive], re-gathered only when examples leave
         for k in range(self.steps):
             grad, values, logits = input_gradient(
-                model, current, y[alive], lambda lg, lb, alive=alive: loss(lg, lb, alive)
+                model, current, y_run, lambda lg, lb, alive=alive: loss(lg, lb, alive)
             )
-            wrong = logits.argmax(dim=1) != y[alive]
+            wrong = logits.argmax(dim=1) != y_run
             if wrong.any():
                 result[alive[wrong]] = current[wrong]
                 fooled[alive[wrong]] = True
@@ -137,11 +138,14 @@ class APGD(Attack):
                 checkpoint_best, reduced_since = checkpoint_best[keep], reduced_since[keep]
                 if len(alive) == 0:
                     return result, fooled
+                x_run, y_run = x[alive], y[alive]
             increases += (values > last_loss).float()
             last_loss = values
             better = values > best_loss
             best_loss = torch.where(better, values, best_loss)
-            best_point[better], best_grad[better] = current[better], grad[better]
+            per_example = better.view(-1, *([1] * (x.dim() - 1)))
+            best_point = torch.where(per_example, current, best_point)
+            best_grad = torch.where(per_example, grad, best_grad)
             if k in self.checkpoints:
                 stalled = increases < self.rho * (k - last_checkpoint)
                 unchanged = ~reduced_since & (best_loss <= checkpoint_best)
@@ -150,14 +154,14 @@ class APGD(Attack):
                 current[halve], grad[halve] = best_point[halve], best_grad[halve]
                 reduced_since = halve
                 checkpoint_best, increases, last_checkpoint = best_loss.clone(), torch.zeros_like(increases), k
-            target = self._step(x[alive], current, grad, eta)
+            target = self._step(x_run, current, grad, eta)
             if k == 0:
                 following = target
             else:
                 mixed = current + self.momentum * (target - current) + (1 - self.momentum) * (current - previous)
-                following = clip_to_threat(x[alive], mixed, self.norm, self.eps)
+                following = clip_to_threat(x_run, mixed, self.norm, self.eps)
             previous, current = current, following
-        wrong = predict(victim.model, current) != y[alive]
+        wrong = predict(victim.model, current) != y_run
         result[alive] = torch.where(wrong.view(-1, *([1] * (x.dim() - 1))), current, best_point)
         fooled[alive] = wrong
         return result, fooled
