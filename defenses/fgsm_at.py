@@ -20,9 +20,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacks.base import ce_loss, clip_to_threat, input_gradient, random_start, steepest_ascent
-from bench.registry import TrainingThreat, register_defense
+from bench.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
-from defenses.training import evaluating, is_number, require, train, training_kwargs, with_training_defaults
+from defenses.training import (
+    TRAINING_NORMS,
+    NormKwargThreat,
+    evaluating,
+    is_number,
+    require,
+    train,
+    training_kwargs,
+    with_training_defaults,
+)
 
 
 def fgsm_examples(
@@ -62,14 +71,14 @@ FAST_KWARGS, FAST_DATASET_KWARGS = with_training_defaults(
 
 @register_defense(
     "fast-at-linf-v1",
-    trained_against=(TrainingThreat("linf", "fgsm-rs"),),
+    trained_against=(NormKwargThreat("linf", "fgsm-rs"),),
     kwargs=FAST_KWARGS,
     dataset_kwargs=FAST_DATASET_KWARGS,
     description="Fast adversarial training: FGSM from a random start, step 1.25 eps (Wong et al. 2020)",
 )
 @register_defense(
     "fgsm-at-linf-v1",
-    trained_against=(TrainingThreat("linf", "fgsm"),),
+    trained_against=(NormKwargThreat("linf", "fgsm"),),
     kwargs=FGSM_KWARGS,
     dataset_kwargs=FGSM_DATASET_KWARGS,
     description="FGSM adversarial training without random start (Goodfellow et al. 2015); prone to "
@@ -77,7 +86,7 @@ FAST_KWARGS, FAST_DATASET_KWARGS = with_training_defaults(
 )
 class FGSMAdversarialTraining(Defense):
     def __init__(self, norm: str, eps: float, rel_step: float, random_start: bool, **kwargs: Any) -> None:
-        require(norm in ("linf", "l2"), f"FGSM training: norm must be linf or l2, got {norm!r}")
+        require(norm in TRAINING_NORMS, f"FGSM training: norm must be linf or l2, got {norm!r}")
         require(is_number(eps) and eps > 0, f"FGSM training: eps must be a number > 0, got {eps!r}")
         require(is_number(rel_step) and rel_step > 0, f"FGSM training: rel_step must be a number > 0, got {rel_step!r}")
         require(

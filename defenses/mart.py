@@ -19,9 +19,10 @@ from torch.nn import functional as F
 
 from attacks.base import Victim
 from attacks.pgd import PGD
-from bench.registry import TrainingThreat, register_defense
+from bench.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import (
+    NormKwargThreat,
     check_pgd_kwargs,
     evaluating,
     is_number,
@@ -64,7 +65,7 @@ KWARGS, DATASET_KWARGS = with_training_defaults(
 
 @register_defense(
     "mart-linf-v1",
-    trained_against=(TrainingThreat("linf", "pgd"),),
+    trained_against=(NormKwargThreat("linf", "pgd"),),
     kwargs=KWARGS,
     dataset_kwargs=DATASET_KWARGS,
     description="MART: boosted cross-entropy on PGD examples + misclassification-weighted KL (Wang et al. 2020)",

@@ -15,9 +15,16 @@ from torch.nn import functional as F
 
 from attacks.base import Victim
 from attacks.pgd import PGD
-from bench.registry import TrainingThreat, register_defense
+from bench.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
-from defenses.training import check_pgd_kwargs, evaluating, train, training_kwargs, with_training_defaults
+from defenses.training import (
+    NormKwargThreat,
+    check_pgd_kwargs,
+    evaluating,
+    train,
+    training_kwargs,
+    with_training_defaults,
+)
 
 LINF_KWARGS, LINF_DATASET_KWARGS = with_training_defaults(
     {"norm": "linf", "eps": 0.2, "steps": 7, "rel_step": 2.5 / 7},
@@ -44,14 +51,14 @@ L2_KWARGS, L2_DATASET_KWARGS = with_training_defaults(
 
 @register_defense(
     "pgd-at-l2-v1",
-    trained_against=(TrainingThreat("l2", "pgd"),),
+    trained_against=(NormKwargThreat("l2", "pgd"),),
     kwargs=L2_KWARGS,
     dataset_kwargs=L2_DATASET_KWARGS,
     description="PGD adversarial training, L2 (Madry et al. 2018)",
 )
 @register_defense(
     "pgd-at-linf-v1",
-    trained_against=(TrainingThreat("linf", "pgd"),),
+    trained_against=(NormKwargThreat("linf", "pgd"),),
     kwargs=LINF_KWARGS,
     dataset_kwargs=LINF_DATASET_KWARGS,
     description="PGD adversarial training, Linf (Madry et al. 2018)",

@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacks.base import clip_to_threat, input_gradient, steepest_ascent
-from bench.registry import TrainingThreat, register_defense
+from bench.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import (
+    NormKwargThreat,
     check_pgd_kwargs,
     evaluating,
     is_number,
@@ -73,7 +74,7 @@ KWARGS, DATASET_KWARGS = with_training_defaults(
 
 @register_defense(
     "trades-linf-v1",
-    trained_against=(TrainingThreat("linf", "pgd-kl"),),
+    trained_against=(NormKwargThreat("linf", "pgd-kl"),),
     kwargs=KWARGS,
     dataset_kwargs=DATASET_KWARGS,
     description="TRADES: clean cross-entropy + beta * KL to a KL-maximizing neighbour (Zhang et al. 2019)",

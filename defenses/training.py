@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 
 from bench.counting import CountingModel
 from bench.errors import RobustMatrixError
+from bench.registry import TrainedAgainst, TrainingThreat
 from defenses.base import TrainContext, TrainData
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -179,9 +181,32 @@ def require(condition: bool, message: str) -> None:
         raise RobustMatrixError(message)
 
 
+TRAINING_NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class NormKwargThreat(TrainingThreat):
+    """A trained-against declaration whose norm, like its eps, is read from the defense's kwargs
+    (``norm_kwarg``): a defense whose ``norm`` kwarg accepts linf and l2 must not declare linf when it
+    was trained with ``{"norm": "l2"}``. The ``norm`` field is the registration's default norm; the
+    resolved declaration (what the runner stores and the leaderboard reads) takes the kwarg's."""
+
+    norm_kwarg: str = "norm"
+
+    def resolve(self, kwargs: Mapping[str, Any], defense_id: str) -> TrainedAgainst:
+        resolved = super().resolve(kwargs, defense_id)
+        norm = kwargs.get(self.norm_kwarg)
+        if norm not in TRAINING_NORMS:
+            raise RobustMatrixError(
+                f"defense {defense_id} declares training against the norm of kwarg '{self.norm_kwarg}', "
+                f"which must be one of {', '.join(TRAINING_NORMS)}, got {norm!r}"
+            )
+        return replace(resolved, norm=norm)
+
+
 def check_pgd_kwargs(name: str, norm: str, eps: float, steps: int, rel_step: float) -> None:
     """The inner-maximization kwargs adversarial training defenses share."""
-    require(norm in ("linf", "l2"), f"{name}: norm must be linf or l2, got {norm!r}")
+    require(norm in TRAINING_NORMS, f"{name}: norm must be linf or l2, got {norm!r}")
     require(is_number(eps) and eps > 0, f"{name}: eps must be a number > 0, got {eps!r}")
     require(is_count(steps), f"{name}: steps must be an integer >= 1, got {steps!r}")
     require(is_number(rel_step) and rel_step > 0, f"{name}: rel_step must be a number > 0, got {rel_step!r}")

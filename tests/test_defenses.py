@@ -41,25 +41,37 @@ def trained(workbench):
 
 # Passes per training example and epoch, from each method's definition: crafting the adversarial
 # examples (and a teacher's soft labels) is part of the cost. PGD's last iterate costs one forward
-# to check success; TRADES needs one clean forward for its KL target.
+# to check success; TRADES needs one clean forward for its KL target. One explicit entry per defense:
+# a new defense has no expectation until someone writes down what it should cost.
+_PASSES = {
+    "standard-v1": lambda steps: (1, 1),
+    "pgd-at-linf-v1": lambda steps: (steps + 2, steps + 1),
+    "pgd-at-l2-v1": lambda steps: (steps + 2, steps + 1),
+    "fgsm-at-linf-v1": lambda steps: (2, 2),
+    "fast-at-linf-v1": lambda steps: (2, 2),
+    "trades-linf-v1": lambda steps: (steps + 3, steps + 2),
+    "mart-linf-v1": lambda steps: (steps + 3, steps + 2),
+    "multi-at-max-v1": lambda steps: (2 * (steps + 1) + 2, 2 * steps + 2),
+    "multi-at-avg-v1": lambda steps: (2 * (steps + 1) + 2, 2 * steps + 2),
+    # teacher epoch (1 forward, 1 backward) + student epoch (teacher + student forward, student backward)
+    "distillation-v1": lambda steps: (1 + 2, 1 + 1),
+    # input transformations: the classifier trained on (pre-transformed) inputs
+    "bit-depth-v1": lambda steps: (1, 1),
+    "random-resize-pad-v1": lambda steps: (1, 1),
+    "art-jpeg-v1": lambda steps: (1, 1),
+    "art-spatial-smoothing-v1": lambda steps: (1, 1),
+}
+
+
 def _expected_passes(defense_id: str, kwargs: dict) -> tuple[int, int]:
-    steps = kwargs.get("steps", 0)
-    if defense_id in ("pgd-at-linf-v1", "pgd-at-l2-v1"):
-        return steps + 2, steps + 1
-    if defense_id in ("fgsm-at-linf-v1", "fast-at-linf-v1"):
-        return 2, 2
-    if defense_id in ("trades-linf-v1", "mart-linf-v1"):
-        return steps + 3, steps + 2
-    if defense_id.startswith("multi-at-"):
-        return 2 * (steps + 1) + 2, 2 * steps + 2
-    if defense_id == "distillation-v1":
-        return 1 + 2, 1 + 1  # teacher epoch (1 forward, 1 backward) + student epoch (teacher + student forward)
-    return 1, 1
+    return _PASSES[defense_id](kwargs.get("steps", 0))
 
 
 def test_every_builtin_defense_has_a_cost_expectation():
-    for defense_id in ALL_DEFENSES:
-        assert _expected_passes(defense_id, {"steps": 1}) >= (1, 1)
+    builtins = {d for d in ALL_DEFENSES if DEFENSES.get(d).source == "builtin"}
+    missing = sorted(builtins - set(_PASSES))
+    assert not missing, f"add the passes per example and epoch of {missing} to _PASSES"
+    assert not set(_PASSES) - builtins, "an expectation for a defense that is not registered"
 
 
 @pytest.mark.parametrize("defense_id", ALL_DEFENSES)
@@ -205,6 +217,43 @@ def test_list_json_shows_every_defense_with_trained_against_and_nature():
     honest = [d for d in ALL_DEFENSES if d not in ("distillation-v1", "random-resize-pad-v1")]
     for defense_id in honest:
         assert entries[defense_id]["randomized"] is False and entries[defense_id]["saturates_softmax"] is False
+
+
+@pytest.mark.parametrize(
+    "defense_id, attack",
+    [
+        ("pgd-at-linf-v1", "pgd"),
+        ("pgd-at-l2-v1", "pgd"),
+        ("trades-linf-v1", "pgd-kl"),
+        ("mart-linf-v1", "pgd"),
+        ("fgsm-at-linf-v1", "fgsm"),
+        ("fast-at-linf-v1", "fgsm-rs"),
+    ],
+)
+@pytest.mark.parametrize("norm, eps", [("l2", 1.5), ("linf", 0.1)])
+def test_declared_trained_against_follows_a_norm_override(defense_id, attack, norm, eps):
+    """The leaderboard's seen cells come from this declaration: a defense trained with
+    ``{"norm": "l2"}`` was trained against L2, whatever its id says."""
+    spec = DEFENSES.get(defense_id)
+    kwargs = spec.resolve_kwargs("digits", {"norm": norm, "eps": eps})
+    assert [vars(t) for t in spec.threat_models(kwargs)] == [{"norm": norm, "eps": eps, "attack": attack}]
+    spec.make("digits", {"norm": norm, "eps": eps})  # and the defense itself takes that norm
+
+
+@pytest.mark.parametrize("defense_id", ["pgd-at-linf-v1", "trades-linf-v1", "mart-linf-v1", "fgsm-at-linf-v1"])
+def test_an_unsupported_norm_override_is_rejected_by_declaration_and_defense(defense_id):
+    spec = DEFENSES.get(defense_id)
+    with pytest.raises(RobustMatrixError, match="must be one of linf, l2, got 'l1'"):
+        spec.threat_models(spec.resolve_kwargs("digits", {"norm": "l1"}))
+    with pytest.raises(RobustMatrixError, match="norm must be linf or l2"):
+        spec.make("digits", {"norm": "l1"})
+
+
+def test_training_record_stores_the_overridden_norm(tmp_path):
+    """End to end through the workbench: the training record stores the overridden norm."""
+    workbench = Workbench("digits", torch.device("cpu"), tmp_path)
+    record = workbench.train(_job("fgsm-at-linf-v1", norm="l2", eps=1.5))
+    assert record.trained_against == [{"norm": "l2", "eps": 1.5, "attack": "fgsm"}]
 
 
 def test_list_json_resolves_trained_against_per_dataset():
