@@ -2,6 +2,11 @@
 
 Read from TOML; every field has a default (``bench/matrices/default.toml``), so a user's file names
 only what it changes. Values are type-checked here so a typo fails before anything is trained.
+
+A user's file is laid over its preset (default or quick) key by key; tables are merged, not
+replaced: ``[eps]`` replaces only the norms it names (an empty list drops a norm), and each
+``[defense_kwargs."PATTERN"]`` / ``[attack_kwargs."PATTERN"]`` table is merged kwarg by kwarg with the
+preset's table of the same pattern.
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ def _string_list(raw: Any, key: str, source: str) -> tuple[str, ...]:
     return tuple(raw)
 
 
-def _eps_grid(raw: Any, source: str) -> dict[str, tuple[float, ...]]:
+def _eps_grid(raw: Any, source: str, *, allow_empty: bool = False) -> dict[str, tuple[float, ...]]:
+    """The eps grid per norm. With ``allow_empty`` (a file laid over a preset), ``norm = []`` is
+    kept as an empty tuple: it drops that norm from the preset's grid."""
     from bench.registry import NORMS
 
     if not isinstance(raw, Mapping) or not raw:
@@ -84,10 +91,23 @@ def _eps_grid(raw: Any, source: str) -> dict[str, tuple[float, ...]]:
     for norm, values in raw.items():
         if norm not in NORMS:
             raise _fail(source, f"eps table has unknown norm '{norm}' (known: {', '.join(NORMS)})")
+        if allow_empty and values == []:
+            grid[norm] = ()
+            continue
         if not isinstance(values, list) or not values or not all(_number(v) and v >= 0 for v in values):
             raise _fail(source, f"eps.{norm} must be a non-empty list of non-negative numbers, got {values!r}")
         grid[norm] = tuple(sorted(float(v) for v in values))
     return grid
+
+
+def _merge_tables(
+    base: Mapping[str, Mapping[str, Any]], update: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Kwargs tables merged pattern by pattern, kwarg by kwarg (the update wins)."""
+    merged = {pattern: dict(values) for pattern, values in base.items()}
+    for pattern, values in update.items():
+        merged[pattern] = {**merged.get(pattern, {}), **values}
+    return merged
 
 
 def _kwargs_tables(raw: Any, key: str, source: str) -> dict[str, dict[str, Any]]:
@@ -97,7 +117,13 @@ def _kwargs_tables(raw: Any, key: str, source: str) -> dict[str, dict[str, Any]]
 
 
 def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | None = None) -> MatrixSpec:
-    """Validate a parsed TOML table and lay it over ``base`` (the default matrix)."""
+    """Validate a parsed TOML table and lay it over ``base``.
+
+    With a ``base`` (a preset, under a user's file) tables are merged: ``eps`` norm by norm (an empty
+    list drops a norm) and the kwargs tables pattern by pattern, kwarg by kwarg. Without one, the
+    mapping is a complete matrix (a preset, or the config recorded with a run) and its tables are
+    taken as they are, over the dataclass defaults."""
+    merge = base is not None
     base = base or MatrixSpec()
     known = {f.name for f in fields(MatrixSpec)}
     unknown = sorted(set(raw) - known)
@@ -114,7 +140,12 @@ def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | No
         elif key in ("defenses", "attacks"):
             values[key] = _string_list(value, key, source)
         elif key == "eps":
-            values[key] = _eps_grid(value, source)
+            grid = _eps_grid(value, source, allow_empty=merge)
+            if merge:
+                grid = {norm: eps for norm, eps in {**base.eps, **grid}.items() if eps}
+                if not grid:
+                    raise _fail(source, "the eps table drops every norm; keep at least one, like linf = [0.1]")
+            values[key] = grid
         elif key == "seeds":
             if (
                 not isinstance(value, list)
@@ -128,7 +159,8 @@ def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | No
                 raise _fail(source, f"'{key}' must be a positive integer, got {value!r}")
             values[key] = value
         elif key in ("defense_kwargs", "attack_kwargs"):
-            values[key] = _kwargs_tables(value, key, source)
+            tables = _kwargs_tables(value, key, source)
+            values[key] = _merge_tables(getattr(base, key), tables) if merge else tables
         elif key == "data_dir":
             if not isinstance(value, str):
                 raise _fail(source, "'data_dir' must be a path string")
