@@ -19,8 +19,8 @@ import math
 import pkgutil
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from types import MappingProxyType
@@ -69,6 +69,14 @@ def _freeze(mapping: Mapping[str, Any] | None, where: str) -> Mapping[str, Any]:
     for key, value in mapping.items():
         _check_json_value(value, f"{where}.{key}")
     return MappingProxyType(mapping)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: a RobustMatrixError's message as is, anything else with its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, RobustMatrixError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _check_number(value: Any, name: str, *, minimum: float = 0.0) -> float:
@@ -268,6 +276,41 @@ class _SpecBase:
             return self.factory
         return f"{self.factory.__module__}:{self.factory.__qualname__}"
 
+    def _check_construction(
+        self, where: str, dataset: str | None, kwargs: Mapping[str, Any] | None, runtime: Mapping[str, Any]
+    ) -> None:
+        """Build the component from resolved ``kwargs`` (cheap: no training, no attack run) and turn
+        a rejection into one line naming the kwargs responsible: each user-changed kwarg is tried
+        alone on top of the defaults, so the message says which value is bad and why."""
+        defaults = self.resolve_kwargs(dataset)
+        kwargs = defaults if kwargs is None else dict(kwargs)
+        unknown = sorted(set(kwargs) - set(defaults))
+        if unknown:
+            known = ", ".join(sorted(defaults)) or "none"
+            raise RobustMatrixError(f"{where}: unknown kwarg '{unknown[0]}' (known: {known})")
+        factory = self.load()
+
+        def attempt(values: Mapping[str, Any]) -> str | None:
+            try:
+                factory(**values, **runtime)
+            except Exception as exc:  # noqa: BLE001 - any rejection is reported as bad input
+                return _one_line(exc)
+            return None
+
+        problem = attempt(kwargs)
+        if problem is None:
+            return
+        changed = [k for k in kwargs if kwargs[k] != defaults[k] or type(kwargs[k]) is not type(defaults[k])]
+        culprits = [(k, p) for k in changed if (p := attempt({**defaults, k: kwargs[k]})) is not None]
+        if culprits:
+            detail = "; ".join(f"kwarg {k}={kwargs[k]!r} is rejected: {p}" for k, p in culprits)
+        elif changed:
+            together = ", ".join(f"{k}={kwargs[k]!r}" for k in changed)
+            detail = f"kwargs {together} are rejected together: {problem}"
+        else:
+            detail = f"its default kwargs are rejected: {problem}"
+        raise RobustMatrixError(f"{where}: {detail}")
+
 
 @dataclass(frozen=True)
 class DefenseSpec(_SpecBase):
@@ -305,6 +348,13 @@ class DefenseSpec(_SpecBase):
 
     def threat_models(self, kwargs: Mapping[str, Any]) -> tuple[TrainedAgainst, ...]:
         return tuple(t.resolve(kwargs, self.id) for t in self.trained_against)
+
+    def validate(self, dataset: str | None, kwargs: Mapping[str, Any] | None = None) -> None:
+        """Check resolved ``kwargs`` (default: the dataset's defaults) before any work: builds the
+        defense object — no model, no training — and resolves its declared threat models. Raises
+        RobustMatrixError with one line naming the defense, the kwarg and the problem."""
+        self._check_construction(f"defense {self.id}", dataset, kwargs, {})
+        self.threat_models(self.resolve_kwargs(dataset) if kwargs is None else kwargs)
 
     def nature(self) -> dict[str, Any]:
         return {
@@ -368,6 +418,16 @@ class AttackSpec(_SpecBase):
             restarts=kwargs.get("restarts", declared.restarts),
             queries=kwargs.get("queries", declared.queries),
         )
+
+    def validate(
+        self, dataset: str | None, kwargs: Mapping[str, Any] | None = None, eps: float | Iterable[float] = ()
+    ) -> None:
+        """Check resolved ``kwargs`` (default: the dataset's defaults) before any work: builds the
+        attack at each ``eps`` (cheap; nothing is attacked). Raises RobustMatrixError with one line
+        naming the attack, the kwarg and the problem."""
+        grid = [eps] if isinstance(eps, (int, float)) else list(eps)
+        for radius in grid:
+            self._check_construction(f"attack {self.id} at eps {radius:g}", dataset, kwargs, {"eps": radius})
 
     def describe(self, dataset: str = "digits") -> dict[str, Any]:
         kwargs = self.resolve_kwargs(dataset)
@@ -481,6 +541,75 @@ def registry_for(kind: str) -> Registry:
     return {"defense": DEFENSES, "attack": ATTACKS}[kind]
 
 
+def is_wildcard(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def closest_ids(name: str, registries: Sequence[Registry] | None = None, n: int = 3) -> list[str]:
+    """The registered ids nearest to ``name`` across ``registries`` (default: defenses and attacks),
+    each followed by its kind, best first."""
+    registries = list(registries) if registries is not None else [DEFENSES, ATTACKS]
+    kinds = {i: r.kind for r in registries for i in r.ids()}
+    stem = re.sub(r"-v[0-9]+$", "", name.strip("*?[]"))
+    close = difflib.get_close_matches(name, list(kinds), n=n, cutoff=0.5)
+    if not close and stem:
+        close = [i for i in sorted(kinds) if i.startswith(stem) or stem in i][:n]
+    return [f"{i} ({kinds[i]})" for i in close]
+
+
+def unknown_id_message(name: str, registries: Sequence[Registry] | None = None) -> str:
+    """'unknown id ...' naming the closest ids of every registry searched (one line)."""
+    registries = list(registries) if registries is not None else [DEFENSES, ATTACKS]
+    what = " or ".join(r.kind for r in registries)
+    close = closest_ids(name, registries)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `robustmatrix list`"
+    if is_wildcard(name):
+        return f"no {what} matches '{name}'{hint}"
+    return f"unknown {what} '{name}'{hint}"
+
+
+def validate_kwarg_tables(
+    tables: Mapping[str, Mapping[str, Any]], registry: Registry, selected_specs: Sequence[Spec]
+) -> None:
+    """Check a matrix's ``[defense_kwargs]`` or ``[attack_kwargs]`` before any work.
+
+    A literal id must be registered and every key must be one of its kwargs. A wildcard must match
+    at least one selected component, and every key must be a kwarg of at least one component it
+    matches (it is applied to those that have it). Raises RobustMatrixError naming the pattern or key
+    and the closest valid names."""
+    table = f"{registry.kind}_kwargs"
+    for pattern, values in tables.items():
+        where = f'{table}."{pattern}"'
+        if not isinstance(values, Mapping):
+            raise RobustMatrixError(f"{where} must be a table of kwargs")
+        if is_wildcard(pattern):
+            targets = [s for s in selected_specs if fnmatch.fnmatchcase(s.id, pattern)]
+            if not targets:
+                raise RobustMatrixError(_unmatched_pattern(where, pattern, registry, selected_specs))
+        else:
+            targets = [registry.get(pattern)]
+        known = sorted({key for spec in targets for key in spec.kwargs})
+        for key, value in values.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+                hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known) or 'none'}"
+                if is_wildcard(pattern):
+                    raise RobustMatrixError(f"{where}: no {registry.kind} it matches has a kwarg '{key}'; {hint}")
+                raise RobustMatrixError(f"unknown kwarg '{key}' for {pattern} in {where}; {hint}")
+            _check_json_value(value, f"{where} kwarg {key}")
+
+
+def _unmatched_pattern(where: str, pattern: str, registry: Registry, selected_specs: Sequence[Spec]) -> str:
+    registered = registry.ids(pattern)
+    if registered:
+        shown = ", ".join(registered[:3]) + (", ..." if len(registered) > 3 else "")
+        return f"{where} matches no {registry.kind} of this matrix (only {shown}, which the matrix does not select)"
+    selected = [s.id for s in selected_specs]
+    close = difflib.get_close_matches(pattern.strip("*?[]"), selected, n=3, cutoff=0.3) or selected[:3]
+    hint = f"; the matrix's {registry.kind}s include {', '.join(close)}" if close else ""
+    return f"{where} matches no {registry.kind}{hint}"
+
+
 def register_defense(
     id: str, *, registry: Registry | None = None, **declared: Any
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -556,20 +685,31 @@ def load_plugins(kinds: tuple[str, ...] = ("defense", "attack")) -> list[PluginF
     """Load third-party components from entry points. Each failure is named and returned; it does
     not stop the other plugins from loading."""
     failures: list[PluginFailure] = []
+    everything = (DEFENSES, ATTACKS)
     for kind in kinds:
         registry = registry_for(kind)
         for entry_point in sorted(metadata.entry_points(group=PLUGIN_GROUPS[kind]), key=lambda e: e.name):
             dist = entry_point.dist
             source = f"{dist.name}=={dist.version}" if dist is not None else f"entry point {entry_point.name}"
-            before = set(registry.ids())
+            # A plugin's module may register components of either kind on import: attribute and,
+            # if it fails, roll back both registries.
+            before = {r.kind: set(r.ids()) for r in everything}
             try:
-                with registry.attributed_to(source):
+                with ExitStack() as attribution:
+                    for each in everything:
+                        attribution.enter_context(each.attributed_to(source))
                     _register_loaded(entry_point.load(), registry)
-            except Exception as exc:  # noqa: BLE001 - any plugin error must be reported, not raised
-                for new_id in set(registry.ids()) - before:
-                    registry.unregister(new_id)
-                error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                failures.append(PluginFailure(kind, entry_point.name, source, f"{type(exc).__name__}: {error}"))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - even sys.exit() in a plugin is reported, not obeyed
+                for each in everything:
+                    for new_id in set(each.ids()) - before[each.kind]:
+                        each.unregister(new_id)
+                if isinstance(exc, SystemExit):
+                    error = f"it called sys.exit({exc.code!r}) while loading"
+                else:
+                    error = _one_line(exc)
+                failures.append(PluginFailure(kind, entry_point.name, source, error))
     return failures
 
 

@@ -18,6 +18,8 @@ from bench.registry import (
     TrainingThreat,
     code_version,
     load_plugins,
+    unknown_id_message,
+    validate_kwarg_tables,
 )
 
 
@@ -125,10 +127,10 @@ def _write_distribution(root: Path, name: str, group: str, entry: str, module_so
 def plugin_path(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for spec_id in ("plugin-noise-v1", "plugin-extra-v1"):
+    for spec_id in ("plugin-noise-v1", "plugin-extra-v1", "plugin-stray-v1", "plugin-late-v1"):
         ATTACKS.unregister(spec_id)
         DEFENSES.unregister(spec_id)
-    for name in ("rm_good_plugin", "rm_broken_plugin"):
+    for name in ("rm_good_plugin", "rm_broken_plugin", "rm_exiting_plugin", "rm_mixed_plugin"):
         sys.modules.pop(name, None)
 
 
@@ -178,3 +180,108 @@ def test_cli_lists_plugins_and_reports_broken_ones(plugin_path):
     assert '"plugin-extra-v1"' in result.stdout
     assert "rm-broken-plugin==0.3 failed to load: RuntimeError: boom" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ kwargs tables and values up front
+def test_a_wildcard_kwarg_no_matched_component_has_is_an_error_naming_the_closest():
+    everything = DEFENSES.select(["*"])
+    with pytest.raises(RobustMatrixError, match=r"defense_kwargs.\"\*\": .*kwarg 'epoch'; did you mean epochs"):
+        validate_kwarg_tables({"*": {"epoch": 1}}, DEFENSES, everything)
+    # a kwarg only some matched components have is fine: it applies to those
+    validate_kwarg_tables({"*": {"epochs": 1, "temperature": 50.0}}, DEFENSES, everything)
+
+
+def test_a_wildcard_must_match_a_selected_component():
+    with pytest.raises(RobustMatrixError, match=r"defense_kwargs.\"zz\*\" matches no defense"):
+        validate_kwarg_tables({"zz*": {"epochs": 1}}, DEFENSES, DEFENSES.select(["*"]))
+    only_standard = DEFENSES.select(["standard-v1"])
+    with pytest.raises(RobustMatrixError, match="pgd-at-l2-v1, pgd-at-linf-v1, which the matrix does not select"):
+        validate_kwarg_tables({"pgd-at-*": {"epochs": 1}}, DEFENSES, only_standard)
+
+
+def test_literal_kwargs_tables_name_the_closest_id_and_kwarg():
+    attacks = ATTACKS.select(["*"])
+    with pytest.raises(RobustMatrixError, match="unknown attack 'pgd-lnf-v1'; did you mean pgd-linf-v1"):
+        validate_kwarg_tables({"pgd-lnf-v1": {"steps": 1}}, ATTACKS, attacks)
+    with pytest.raises(RobustMatrixError, match="unknown kwarg 'stepz' for pgd-linf-v1.*did you mean steps"):
+        validate_kwarg_tables({"pgd-linf-v1": {"stepz": 1}}, ATTACKS, attacks)
+
+
+def test_bad_kwarg_values_are_caught_before_any_work_naming_the_kwarg():
+    defense = DEFENSES.get("pgd-at-linf-v1")
+    with pytest.raises(RobustMatrixError, match=r"^defense pgd-at-linf-v1: kwarg epochs='three' is rejected: epochs"):
+        defense.validate("digits", defense.resolve_kwargs("digits", {"epochs": "three"}))
+    attack = ATTACKS.get("pgd-linf-v1")
+    bad = attack.resolve_kwargs("digits", {"steps": 0, "loss": "foo"})
+    with pytest.raises(RobustMatrixError) as caught:
+        attack.validate("digits", bad, [0.1, 0.2])
+    message = str(caught.value)
+    assert message.startswith("attack pgd-linf-v1 at eps 0.1: kwarg steps=0 is rejected")
+    assert "kwarg loss='foo' is rejected" in message and "\n" not in message
+
+
+def test_every_builtin_validates_with_its_defaults_quickly():
+    for spec in DEFENSES:
+        spec.validate("digits")
+    for spec in ATTACKS:
+        spec.validate("digits", None, spec.eps_grid or [0.1, 0.3])
+
+
+def test_unknown_ids_name_the_closest_of_both_registries():
+    message = unknown_id_message("pgd-at-linf")
+    assert message.startswith("unknown defense or attack 'pgd-at-linf'; did you mean pgd-at-linf-v1 (defense)")
+    assert "(attack)" in unknown_id_message("pgd-lnf-v1")
+
+
+def test_a_plugin_calling_sys_exit_is_named_and_the_others_still_load(plugin_path):
+    from tests.conftest import run_cli
+
+    _write_distribution(plugin_path, "rm-exiting-plugin", "robustmatrix.defenses", "SPEC", "import sys\nsys.exit(3)\n")
+    _write_distribution(
+        plugin_path,
+        "rm-good-plugin",
+        "robustmatrix.defenses",
+        "SPEC",
+        """
+        from bench.registry import DefenseSpec
+        SPEC = DefenseSpec(id="plugin-noise-v1", factory="defenses.standard:Standard")
+        """,
+    )
+    result = run_cli("list", "--kind", "defense", "plugin-*")
+    assert result.code == 0, result.stderr
+    assert "plugin-noise-v1" in result.stdout
+    assert "rm-exiting-plugin==0.3 failed to load: it called sys.exit(3) while loading" in result.stderr
+
+
+def test_a_failed_plugin_leaves_nothing_behind_in_either_registry(plugin_path):
+    _write_distribution(
+        plugin_path,
+        "rm-broken-plugin",
+        "robustmatrix.defenses",
+        "SPEC",
+        """
+        from bench.registry import AttackSpec, ATTACKS
+        ATTACKS.register(AttackSpec(id="plugin-stray-v1", factory="attacks.fgsm:FGSM", family="gradient", norm="linf"))
+        raise RuntimeError("half way")
+        """,
+    )
+    failures = load_plugins(("defense",))
+    assert [f.distribution for f in failures] == ["rm-broken-plugin==0.3"]
+    assert "plugin-stray-v1" not in ATTACKS, "a failed plugin's attack must be rolled back"
+
+
+def test_components_of_the_other_kind_are_attributed_to_the_plugin(plugin_path):
+    _write_distribution(
+        plugin_path,
+        "rm-mixed-plugin",
+        "robustmatrix.defenses",
+        "SPEC",
+        """
+        from bench.registry import AttackSpec, ATTACKS, DefenseSpec
+        ATTACKS.register(AttackSpec(id="plugin-late-v1", factory="attacks.fgsm:FGSM", family="gradient", norm="linf"))
+        SPEC = DefenseSpec(id="plugin-noise-v1", factory="defenses.standard:Standard")
+        """,
+    )
+    assert load_plugins(("defense",)) == []
+    assert DEFENSES.get("plugin-noise-v1").source == "rm-mixed-plugin==0.3"
+    assert ATTACKS.get("plugin-late-v1").source == "rm-mixed-plugin==0.3", "not labelled builtin"
