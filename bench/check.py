@@ -33,6 +33,8 @@ CHECK_TRAIN_EXAMPLES = 320
 """Size of the training slice ``check`` trains on: enough to learn something, small enough for seconds."""
 CHECK_EVAL_EXAMPLES = 64
 LP_NORMS = ("linf", "l2", "l1")
+NO_BUDGET = (-1, -1)
+"""Sentinel bound of a plain-callable attack, which has no ``max_passes_per_example`` to declare one."""
 CHECK_EPS = {"linf": (0.1, 0.3), "l2": (0.5, 1.5), "l1": (2.0, 6.0), "spatial": (10.0, 30.0)}
 """Radii an attack plugin is checked at when it declares no eps grid of its own (spatial: degrees)."""
 
@@ -48,11 +50,58 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     return max(((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel()), default=0.0)
 
 
+class _RecordingEngine:
+    """Stands in for autograd's execution engine: records every backward run, then delegates."""
+
+    def __init__(self, engine: Any, calls: list[str]) -> None:
+        self._engine = engine
+        self._calls = calls
+
+    def run_backward(self, *args: Any, **kwargs: Any) -> Any:
+        # torch.autograd.grad runs the engine without accumulating into .grad; backward accumulates.
+        self._calls.append("backward" if kwargs.get("accumulate_grad", True) else "torch.autograd.grad")
+        return self._engine.run_backward(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 @contextmanager
 def _gradient_calls() -> Iterator[list[str]]:
     """Record calls of autograd during a block: a forward pass that computes gradients is
-    optimising at inference time (a dynamic defense), which standard attacks do not model."""
+    optimising at inference time (a dynamic defense), which standard attacks do not model.
+
+    Hooked where every gradient computation meets — autograd's execution engine — so that
+    ``from torch.autograd import grad``, ``Tensor.backward``, ``torch.autograd.functional`` and
+    ``torch.func`` are all seen. Older or newer torch without that seam: the engine's Python entry
+    point ``_engine_run_backward``; failing that, the public ``torch.autograd.grad``/``backward``."""
     calls: list[str] = []
+    variable = getattr(getattr(torch.autograd, "variable", None), "Variable", None)
+    engine = getattr(variable, "_execution_engine", None)
+    if engine is not None and hasattr(engine, "run_backward"):
+        variable._execution_engine = _RecordingEngine(engine, calls)
+        try:
+            yield calls
+        finally:
+            variable._execution_engine = engine
+        return
+    modules = [m for m in (torch.autograd, getattr(torch.autograd, "graph", None)) if m is not None]
+    entry = getattr(torch.autograd, "_engine_run_backward", None)
+    if entry is not None:
+
+        def run_backward(*args: Any, **kwargs: Any) -> Any:
+            calls.append("backward" if kwargs.get("accumulate_grad", True) else "torch.autograd.grad")
+            return entry(*args, **kwargs)
+
+        patched = [m for m in modules if getattr(m, "_engine_run_backward", None) is entry]
+        for module in patched:
+            module._engine_run_backward = run_backward
+        try:
+            yield calls
+        finally:
+            for module in patched:
+                module._engine_run_backward = entry
+        return
     original_grad, original_backward = torch.autograd.grad, torch.autograd.backward
 
     def grad(*args: Any, **kwargs: Any) -> Any:
@@ -289,7 +338,17 @@ def check_attack(spec: AttackSpec, data: Dataset, device: torch.device, seed: in
             inside = inside and size <= eps * (1 + 1e-4) + 1e-5
             evidence += f", largest {spec.norm} perturbation {size:.4g}"
         findings.append(Finding(PASS if inside else FAIL, "inside the threat model", evidence))
-        if bound is None:
+        if bound is NO_BUDGET:
+            findings.append(
+                Finding(
+                    WARN,
+                    "budget respected",
+                    f"{label}: declares no budget (a plain callable has no max_passes_per_example); "
+                    f"it used {counter.forwards / len(x):.1f} forwards and {counter.backwards / len(x):.1f} "
+                    "backwards per example",
+                )
+            )
+        elif bound is None:
             findings.append(Finding(FAIL, "budget respected", f"{label}: max_passes_per_example() not declared"))
         else:
             within = counter.forwards <= bound[0] * len(x) and counter.backwards <= bound[1] * len(x)
@@ -329,9 +388,14 @@ def _attack_once(
         attack = spec.make(data.name, eps=eps)
         seed_everything(seed)
         x_adv = attack(victim, x, y)
+        if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+            got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+            return Finding(FAIL, "runs", f"eps {eps:g}: returned {got}, expected a tensor of shape {tuple(x.shape)}")
+        declared = getattr(attack, "max_passes_per_example", None)
+        bound = declared() if callable(declared) else NO_BUDGET
     except Exception as exc:  # noqa: BLE001
         return Finding(FAIL, "runs", f"eps {eps:g}: {type(exc).__name__}: {exc}".splitlines()[0])
-    return x_adv, counter, attack.max_passes_per_example(), x_before, y_before
+    return x_adv, counter, bound, x_before, y_before
 
 
 def check_defense(spec: DefenseSpec, data: Dataset, device: torch.device, seed: int = 0) -> list[Finding]:

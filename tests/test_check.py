@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.autograd import grad as imported_grad
 
 from attacks.base import Attack
 from bench.check import FAIL, PASS, WARN, check_attack, check_defense
@@ -49,6 +50,32 @@ class PurifiesAtInference(Standard):
                     probe = x.detach().requires_grad_(True)
                     (grad,) = torch.autograd.grad(model(probe).logsumexp(1).sum(), probe)
                 return model((x + 0.01 * grad.sign()).clamp(0, 1))
+
+        return Purify()
+
+
+class PurifiesWithImportedGrad(Standard):
+    """The same, through `from torch.autograd import grad` (a name bound before check patches anything)."""
+
+    def deploy(self, model: nn.Module) -> nn.Module:
+        class Purify(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                with torch.enable_grad():
+                    probe = x.detach().requires_grad_(True)
+                    (grad,) = imported_grad(model(probe).logsumexp(1).sum(), probe)
+                return model((x + 0.01 * grad.sign()).clamp(0, 1))
+
+        return Purify()
+
+
+class PurifiesWithBackward(Standard):
+    def deploy(self, model: nn.Module) -> nn.Module:
+        class Purify(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                with torch.enable_grad():
+                    probe = x.detach().requires_grad_(True)
+                    model(probe).logsumexp(1).sum().backward()
+                return model((x + 0.01 * probe.grad.sign()).clamp(0, 1))
 
         return Purify()
 
@@ -99,6 +126,8 @@ def test_a_well_behaved_defense_passes_everything(digits, cpu):
         (HugeLogits, {}, "input gradients are non-zero", FAIL, "declare saturates_softmax=True"),
         (HugeLogits, {"saturates_softmax": True}, "input gradients are non-zero", WARN, "declared saturates_softmax"),
         (PurifiesAtInference, {}, "no gradients inside forward", FAIL, "torch.autograd.grad"),
+        (PurifiesWithImportedGrad, {}, "no gradients inside forward", FAIL, "torch.autograd.grad"),
+        (PurifiesWithBackward, {}, "no gradients inside forward", FAIL, "backward"),
         (Unreproducible, {}, "training is reproducible", FAIL, "differ by up to"),
     ],
 )
@@ -141,6 +170,25 @@ def test_attack_checks(digits, cpu):
     over = check_attack(AttackSpec(id="over-v1", factory=OverBudget, family="noise", norm="linf"), digits, cpu)
     assert _status(over[:5], "budget respected")[0] == FAIL
     assert "3.0 forwards" in _status(over[:5], "budget respected")[1]
+
+
+def plain_sign_noise(eps: float):
+    """A plugin attack that is only a callable (victim, x, y) -> x_adv, as the harness allows."""
+
+    def attack(victim, x, y):
+        return (x + eps * torch.randn_like(x).sign()).clamp(0, 1)
+
+    return attack
+
+
+def test_a_plain_callable_attack_is_checked_and_warned_about_its_budget(digits, cpu):
+    spec = AttackSpec(id="plain-v1", factory=plain_sign_noise, family="noise", norm="linf")
+    findings = check_attack(spec, digits, cpu)
+    budget = [f for f in findings if f.check == "budget respected"]
+    assert budget and {f.status for f in budget} == {WARN}, budget
+    assert "declares no budget" in budget[0].evidence and "0.0 forwards" in budget[0].evidence
+    assert _status(findings[:5], "inside the threat model")[0] == PASS
+    assert FAIL not in {f.status for f in findings}, findings
 
 
 def test_a_non_lp_attack_is_checked_at_real_radii(digits, cpu):
