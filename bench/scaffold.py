@@ -7,12 +7,17 @@ declaration with a comment saying what ``check`` and the leaderboard catch when 
 
 from __future__ import annotations
 
+import importlib.util
+import keyword
 import re
 from pathlib import Path
 
 from bench.errors import RobustMatrixError
 
 NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+RESERVED = frozenset({"bench", "attacks", "defenses", "leaderboard", "tests", "examples"})
+"""robustmatrix's own top-level packages (importable from a clone even when not installed) and the
+generated package's own ``tests`` folder: a plugin package of one of these names would shadow it."""
 
 PYPROJECT = """\
 [build-system]
@@ -122,12 +127,46 @@ pytest                              # the package's own test
 """
 
 
-def new_defense(name: str, directory: Path) -> Path:
-    """Write the plugin package ``directory/name``; returns its path."""
+def _module_exists(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken or half-installed package of that name: taken too
+        return True
+
+
+def check_name(name: str) -> None:
+    """Refuse a plugin name whose package or defense id would break something: a Python keyword,
+    a top-level module that already exists (``defenses``, ``torch``, ``numpy``, ``bench``, ``tests``
+    — the plugin would shadow it, or it the plugin), or an id already registered."""
     if not NAME.match(name):
         raise RobustMatrixError(
             f"bad plugin name {name!r}: use lowercase letters and digits joined by '-', like 'noise-aug'"
         )
+    package = name.replace("-", "_")
+    if keyword.iskeyword(package):
+        raise RobustMatrixError(
+            f"bad plugin name {name!r}: its package '{package}' is a Python keyword; pick another name"
+        )
+    if package in RESERVED or _module_exists(package):
+        raise RobustMatrixError(
+            f"bad plugin name {name!r}: a module named '{package}' is already importable here and the plugin's "
+            "package would shadow it (or be shadowed); pick another name, like 'my-" + name + "'"
+        )
+    from bench.registry import ATTACKS, DEFENSES, load_builtins, load_plugins
+
+    load_builtins()
+    load_plugins()
+    taken = [i for r in (DEFENSES, ATTACKS) for i in r.ids(f"{name}-v*") if re.fullmatch(rf"{re.escape(name)}-v\d+", i)]
+    if taken:
+        spec = (DEFENSES if taken[0] in DEFENSES else ATTACKS).get(taken[0])
+        raise RobustMatrixError(
+            f"bad plugin name {name!r}: id {taken[0]} is already registered (by {spec.source}); pick another name"
+        )
+
+
+def new_defense(name: str, directory: Path) -> Path:
+    """Write the plugin package ``directory/name``; returns its path."""
+    check_name(name)
     root = Path(directory) / name
     if root.exists() and any(root.iterdir()):
         raise RobustMatrixError(f"{root} already exists and is not empty; choose another name or --dir")

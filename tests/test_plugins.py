@@ -64,6 +64,27 @@ def test_scaffold_refuses_bad_names_and_existing_folders(tmp_path):
     assert taken.code == 2 and "already exists" in taken.stderr
 
 
+@pytest.mark.parametrize(
+    "name, fragment",
+    [
+        ("defenses", "a module named 'defenses' is already importable"),
+        ("torch", "a module named 'torch'"),
+        ("numpy", "a module named 'numpy'"),
+        ("bench", "a module named 'bench'"),
+        ("tests", "a module named 'tests'"),
+        ("class", "'class' is a Python keyword"),
+        ("standard", "id standard-v1 is already registered (by builtin)"),
+        ("pgd-at-linf", "id pgd-at-linf-v1 is already registered"),
+    ],
+)
+def test_scaffold_refuses_names_that_would_shadow_or_collide(tmp_path, name, fragment):
+    result = run_cli("new-defense", name, "--dir", str(tmp_path))
+    assert result.code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"bad plugin name '{name}'" in lines[0] and fragment in lines[0], lines
+    assert not any(tmp_path.iterdir()), "nothing may be written"
+
+
 def test_scaffold_installs_and_passes_check_as_generated(tmp_path, plugin_venv):
     result = run_cli("new-defense", "noise-aug", "--dir", str(tmp_path))
     assert result.code == 0, result.stderr
