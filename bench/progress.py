@@ -1,15 +1,24 @@
-"""Progress bars on stderr (tqdm): matrix cells, training epochs, attack batches.
+"""Progress bars on stderr (tqdm): matrix cells, training epochs, attack batches, and the attack
+inside a cell (forward passes per attacked example, against the attack's declared bound).
 
-Quiet mode and non-interactive use get one line per finished job instead, so logs of nightly runs
-stay readable.
+Non-interactive use gets one line per finished job instead, so logs of nightly runs stay readable;
+quiet mode prints nothing.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tqdm import tqdm
+
+from bench.counting import PassCounter
+
+ATTACK_REFRESH = 0.25
+"""Seconds between refreshes of the in-cell attack bar (read from a background thread)."""
 
 
 class Progress:
@@ -18,7 +27,7 @@ class Progress:
         self.interactive = enabled and sys.stderr.isatty()
         self._bars: dict[str, Any] = {}
 
-    def _bar(self, name: str, total: int, desc: str, position: int, leave: bool) -> Any:
+    def _bar(self, name: str, total: int | None, desc: str, position: int, leave: bool) -> Any:
         current = self._bars.get(name)
         if current is not None and current[0] == (total, desc):
             return current[1]
@@ -61,6 +70,36 @@ class Progress:
             bar.refresh()
             if number == total:
                 self._close("batches")
+
+    @contextmanager
+    def attack(
+        self, label: str, counter: PassCounter, examples: int, max_forwards: int | None = None
+    ) -> Iterator[None]:
+        """Show an attack's progress inside one cell while the block runs: forward passes per
+        attacked example so far (``counter`` is the cell's pass counter, read a few times a second
+        from a background thread, so the attack's own loop pays nothing), out of ``max_forwards``
+        per example when the attack declares a bound. Interactive terminals only."""
+        if not self.interactive or examples < 1:
+            yield
+            return
+        bar = self._bar("attack", max_forwards, f"attack {label[:50]}", 3, False)
+        bar.unit = " passes/example"
+        start = counter.forwards
+        done = threading.Event()
+
+        def refresh() -> None:
+            while not done.wait(ATTACK_REFRESH):
+                bar.n = (counter.forwards - start) // examples
+                bar.refresh()
+
+        watcher = threading.Thread(target=refresh, name="robustmatrix-attack-progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+            self._close("attack")
 
     def start_cells(self, total: int) -> None:
         self._bar("cells", total, "matrix cells", 0, True)
