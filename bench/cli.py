@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -127,13 +128,32 @@ def _load_components() -> None:
         print(f"robustmatrix: error: {failure.message()}", file=sys.stderr)
 
 
-def _cmd_list(args: argparse.Namespace) -> int:
-    from bench.registry import ATTACKS, DEFENSES
+def _check_dataset(name: str) -> None:
+    from bench.data import DATASETS
 
+    if name not in DATASETS:
+        raise RobustMatrixError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from bench.registry import is_wildcard, registry_for, unknown_id_message
+
+    _check_dataset(args.dataset)
     kinds = [args.kind] if args.kind else ["defense", "attack"]
+    registries = [registry_for(kind) for kind in kinds]
+    for pattern in args.pattern:
+        if any(registry.ids(pattern) for registry in registries):
+            continue
+        other = [k for k in ("defense", "attack") if k not in kinds and registry_for(k).ids(pattern)]
+        if other:
+            article = {"defense": "a", "attack": "an"}
+            found = f"matches only {other[0]}s" if is_wildcard(pattern) else f"is {article[other[0]]} {other[0]}"
+            raise RobustMatrixError(
+                f"'{pattern}' {found}, not {article[args.kind]} {args.kind}; drop --kind {args.kind}"
+            )
+        raise RobustMatrixError(unknown_id_message(pattern))
     entries = []
-    for kind in kinds:
-        registry = DEFENSES if kind == "defense" else ATTACKS
+    for registry in registries:
         entries += [registry.get(i).describe(args.dataset) for i in registry.ids(args.pattern)]
     if args.json:
         print(json.dumps(entries, indent=2, sort_keys=True))
@@ -183,6 +203,44 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def _check_folder(path: Path, what: str) -> None:
+    """Fail before any work, not after the run, when ``path`` cannot be (created as) a writable folder."""
+    if path.exists():
+        if not path.is_dir():
+            raise RobustMatrixError(f"{what} {path} is a file, not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RobustMatrixError(f"{what} {path} is not writable")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise RobustMatrixError(f"cannot create {what} {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise RobustMatrixError(f"cannot create {what} {path}: {ancestor} is not writable")
+
+
+def _check_database_path(path: Path) -> None:
+    """A database to write: an existing file (its content is checked when it is opened) or a new
+    file in a folder that exists or can be created."""
+    if path.is_dir():
+        raise RobustMatrixError(f"--db {path} is a directory; give a database file, like {path / 'robustmatrix.db'}")
+    if not path.exists():
+        try:
+            _check_folder(path.parent, "folder")
+        except RobustMatrixError as exc:
+            raise RobustMatrixError(f"--db {path}: {exc}") from None
+
+
+def _write_leaderboard(db_path: Path, out_dir: Path) -> list[Path]:
+    from leaderboard.build import write_leaderboard
+
+    with warnings.catch_warnings():
+        # matplotlib warns about degenerate axes (a defense with no ok cell); the files are still right.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(matplotlib|leaderboard)(\.|$)")
+        return write_leaderboard(db_path, out_dir)
+
+
 def _matrix_of_last_run(db_path: Path):  # noqa: ANN202 - MatrixSpec, imported lazily
     """The matrix that built an existing leaderboard: `run --defense ID` adds a row to *that* table."""
     from bench.config import spec_from_mapping
@@ -202,16 +260,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.launch import run_matrix
     from bench.progress import Progress
     from bench.shard import Shard
-    from leaderboard.build import write_leaderboard
 
     default_root = DEFAULT_RESULTS / "quick" if args.quick else DEFAULT_RESULTS
     db_path = args.db or default_root / "robustmatrix.db"
+    out_dir = args.out or default_root
     spec = load_spec(args.config, quick=args.quick)
+    _check_database_path(db_path)
+    _check_folder(out_dir, "--out")
     if args.defense and args.config is None:
         spec = _matrix_of_last_run(db_path) or spec
     shard = Shard.parse(args.shard) if args.shard else None
     options = _execution_options(args)
-    out_dir = args.out or default_root
     result = run_matrix(
         spec,
         db_path,
@@ -226,7 +285,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     summary = result.summary
     if shard is None:
-        written = write_leaderboard(db_path, out_dir)
+        written = _write_leaderboard(db_path, out_dir)
         print(written[0].read_text())
         where = f"leaderboard in {out_dir}/"
     else:
@@ -261,11 +320,12 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     from bench.nightly import record_and_report
     from bench.progress import Progress
     from bench.store import Store
-    from leaderboard.build import write_leaderboard
 
     if not args.max_slowdown > 1:
         raise RobustMatrixError(f"--max-slowdown must be greater than 1, got {args.max_slowdown}")
     spec = load_spec(args.config, quick=args.quick)
+    _check_database_path(args.db)
+    _check_folder(args.out, "--out")
     result = run_matrix(
         spec,
         args.db,
@@ -279,7 +339,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     )
     with Store.open_existing(args.db) as store:
         report, written = record_and_report(store, result.run_id, result.summary, args.out, args.max_slowdown)
-    written += write_leaderboard(args.db, args.out)
+    written += _write_leaderboard(args.db, args.out)
     print(written[0].read_text())
     print(f"nightly report: {', '.join(str(p) for p in written)}", file=sys.stderr)
     if result.summary.failed:
@@ -296,15 +356,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from bench.check import FAIL, check_attack, check_defense
     from bench.data import load_dataset
     from bench.device import resolve_device
-    from bench.registry import ATTACKS, DEFENSES
+    from bench.registry import ATTACKS, DEFENSES, unknown_id_message
 
     if args.id in DEFENSES:
         spec, check = DEFENSES.get(args.id), check_defense
     elif args.id in ATTACKS:
         spec, check = ATTACKS.get(args.id), check_attack
     else:
-        DEFENSES.get(args.id)  # raises with the closest defense ids
-        raise AssertionError("unreachable")
+        raise RobustMatrixError(unknown_id_message(args.id))
+    _check_dataset(args.dataset)
     device = resolve_device(args.device)
     data = load_dataset(args.dataset, args.data_dir)
     findings = check(spec, data, device, args.seed)
@@ -329,9 +389,8 @@ def _cmd_new_defense(args: argparse.Namespace) -> int:
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
-    from leaderboard.build import write_leaderboard
-
-    written = write_leaderboard(args.db, args.out)
+    _check_folder(args.out, "--out")
+    written = _write_leaderboard(args.db, args.out)
     print("\n".join(str(p) for p in written))
     return EXIT_OK
 
@@ -356,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RobustMatrixError as exc:
         print(f"robustmatrix: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # output piped into a reader that stopped early (`| head`): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print("robustmatrix: interrupted; finished cells are saved, run the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -118,3 +118,67 @@ def test_unknown_subcommand_and_option_are_one_line_errors():
 def test_a_real_process_exits_2_without_traceback(tmp_path, args, fragment):
     result = run_cli_subprocess(*args, cwd=tmp_path)
     _one_line_error(result, fragment)
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["list", "pgd-lnf-v1"], ["unknown defense or attack 'pgd-lnf-v1'", "pgd-linf-v1 (attack)"]),
+        (["list", "pgd-at-linf"], ["did you mean pgd-at-linf-v1 (defense)"]),
+        (["list", "zz*"], ["no defense or attack matches 'zz*'"]),
+        (["list", "--kind", "defense", "pgd-linf-v1"], ["'pgd-linf-v1' is an attack, not a defense"]),
+        (["list", "--dataset", "nosuch"], ["unknown dataset 'nosuch'", "digits"]),
+        (["check", "pgd-lnf-v1"], ["unknown defense or attack 'pgd-lnf-v1'", "pgd-linf-v1 (attack)"]),
+        (["check", "standard-v1", "--dataset", "nosuch"], ["unknown dataset 'nosuch'"]),
+    ],
+)
+def test_unknown_ids_and_datasets_in_list_and_check(args, fragments):
+    _one_line_error(run_cli(*args), *fragments)
+
+
+def test_list_still_accepts_ids_of_either_kind():
+    result = run_cli("list", "pgd-linf-v1", "standard-v1", "--dataset", "mnist")
+    assert result.code == 0 and "pgd-linf-v1" in result.stdout and "standard-v1" in result.stdout
+
+
+def test_bad_output_paths_fail_before_any_work(tmp_path, tiny_config):
+    taken = tmp_path / "taken"
+    taken.write_text("a file where the leaderboard folder should go")
+    _one_line_error(
+        run_cli("run", "--config", str(tiny_config), "--out", str(taken), "--quiet", cwd=tmp_path),
+        f"--out {taken} is a file, not a folder",
+    )
+    _one_line_error(
+        run_cli("run", "--config", str(tiny_config), "--db", str(taken / "x.db"), "--quiet", cwd=tmp_path),
+        f"--db {taken / 'x.db'}",
+        "is a file, not a folder",
+    )
+    _one_line_error(
+        run_cli("run", "--config", str(tiny_config), "--db", str(tmp_path), "--quiet", cwd=tmp_path),
+        "is a directory",
+    )
+    _one_line_error(run_cli("nightly", "--config", str(tiny_config), "--out", str(taken), cwd=tmp_path), "--out")
+    assert not (tmp_path / "results").exists(), "nothing may be trained or written"
+
+
+def test_leaderboard_of_a_defense_without_ok_cells_prints_no_matplotlib_warning(tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from bench.store import CellRecord, Store
+    from tests.leaderboard_data import FakeDefense, write_database
+
+    db = write_database(tmp_path / "r.db", [FakeDefense("broken-v1", {})])
+    with Store.open(db) as store:
+        store.put_cell(
+            CellRecord(
+                "broken-v1/0/pgd/0.1", "broken-v1/0", "digits", "broken-v1", "pgd-linf-v1", "v", {}, "gradient",
+                "linf", 0.1, True, 0, 100, "failed", "boom", np.ones(100, bool), None, None, 0, 0, 0.0, "cpu", {},
+            )
+        )  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("leaderboard", "--db", str(db), "--out", str(tmp_path / "out"))
+    assert result.code == 0, result.stderr
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
