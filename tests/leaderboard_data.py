@@ -49,6 +49,10 @@ class FakeDefense:
     observed: Mapping[str, Any] = field(default_factory=dict)
     source: str = "builtin"
     seeds: Sequence[int] = (0,)
+    failed: Sequence[tuple[str, float]] = ()
+    """(attack id, eps) cells recorded as failed (status "failed", no masks)."""
+    n_eval: int | None = None
+    """Evaluation size of this defense (default: the database's ``n``)."""
 
 
 def _mask(n: int, fraction: float) -> np.ndarray:
@@ -57,7 +61,16 @@ def _mask(n: int, fraction: float) -> np.ndarray:
     return mask
 
 
-def write_database(path: Path, defenses: Sequence[FakeDefense], n: int = 100) -> Path:
+def write_database(
+    path: Path,
+    defenses: Sequence[FakeDefense],
+    n: int = 100,
+    attacks: Mapping[str, tuple[str, int | None, str]] | None = None,
+) -> Path:
+    """Write ``defenses`` into a new database at ``path``. ``attacks`` maps further attack ids to
+    (family, declared steps, norm); the ids of FAMILIES need no entry."""
+    known = {a: (family, steps, NORMS.get(a, "linf")) for a, (family, steps) in FAMILIES.items()}
+    known.update(attacks or {})
     nature_defaults = {
         "randomized": False,
         "differentiable": True,
@@ -66,7 +79,7 @@ def write_database(path: Path, defenses: Sequence[FakeDefense], n: int = 100) ->
         "saturates_softmax": False,
     }
     with Store.open(path) as store:
-        for attack_id, (family, steps) in FAMILIES.items():
+        for attack_id, (family, steps, _) in known.items():
             store.put_attack(attack_id, "v", "builtin", {"family": family, "budget": {"steps": steps}, "kwargs": {}})
         store.put_attack(
             "adaptive-worst-case-linf-v1",
@@ -75,6 +88,7 @@ def write_database(path: Path, defenses: Sequence[FakeDefense], n: int = 100) ->
             {"family": "adaptive", "budget": {}, "kwargs": {"members": []}},
         )
         for defense in defenses:
+            size = defense.n_eval or n
             for seed in defense.seeds:
                 key = f"{defense.name}/{seed}"
                 store.put_training(
@@ -98,15 +112,18 @@ def write_database(path: Path, defenses: Sequence[FakeDefense], n: int = 100) ->
                         {"torch": "x"},
                     )
                 )
-                clean = _mask(n, defense.clean)
-                store.put_evaluation(EvaluationRecord(key + "/e", key, n, clean, {**QUIET, **defense.observed}))
-                for (attack_id, eps), outcome in defense.cells.items():
+                clean = _mask(size, defense.clean)
+                store.put_evaluation(
+                    EvaluationRecord(f"{key}/e{size}", key, size, clean, {**QUIET, **defense.observed})
+                )
+                outcomes = [*defense.cells.items(), *((cell, None) for cell in defense.failed)]
+                for (attack_id, eps), outcome in outcomes:
                     attack = attack_id.split("@")[0]
-                    family, _ = FAMILIES.get(attack, ("adaptive", None))
-                    robust = outcome if isinstance(outcome, np.ndarray) else _mask(n, outcome)
+                    family, _, norm = known.get(attack, ("adaptive", None, "linf"))
+                    robust = outcome if isinstance(outcome, np.ndarray) or outcome is None else _mask(size, outcome)
                     store.put_cell(
                         CellRecord(
-                            f"{key}/{attack}/{eps}",
+                            f"{key}/{attack}/{eps}/{size}",
                             key,
                             "digits",
                             defense.name,
@@ -114,15 +131,15 @@ def write_database(path: Path, defenses: Sequence[FakeDefense], n: int = 100) ->
                             "v",
                             {},
                             family,
-                            NORMS.get(attack, "linf"),
+                            norm,
                             float(eps),
                             True,
                             seed,
-                            n,
-                            "ok",
-                            None,
-                            clean,
-                            robust & clean,
+                            size,
+                            "ok" if robust is not None else "failed",
+                            None if robust is not None else "RuntimeError: boom",
+                            clean if robust is not None else None,
+                            robust & clean if robust is not None else None,
                             0.1,
                             10,
                             10,
