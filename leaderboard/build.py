@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from bench.errors import RobustMatrixError
 from bench.store import Store
 from leaderboard import plots
 from leaderboard.report import build_report
-from leaderboard.tables import markdown, wide_frame
+from leaderboard.tables import markdown, threat_list, write_csv
 
 TEMPLATES = Path(__file__).parent / "templates"
 HISTORY_PNG = "nightly-history.png"
@@ -42,7 +43,7 @@ def _passes(value: float) -> str:
 
 def _environment() -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(pct=_pct, ratio=_ratio, passes=_passes)
+    env.filters.update(pct=_pct, ratio=_ratio, passes=_passes, threats=threat_list)
     return env
 
 
@@ -56,6 +57,16 @@ def _nightly_snapshots(db_path: Path) -> list[tuple[int, dict[str, Any]]]:
         return store.nightly_snapshots() if "nightly" in present else []
 
 
+def section_keys(datasets: list[dict[str, Any]]) -> list[str]:
+    """A file-name- and anchor-safe key per section: the dataset name, with the evaluation size when the
+    dataset has sections of several sizes."""
+    names = [d["dataset"] for d in datasets]
+    keys = [
+        name if names.count(name) == 1 else f"{name}-n{d['n_eval']}" for name, d in zip(names, datasets, strict=True)
+    ]
+    return [re.sub(r"[^A-Za-z0-9_.-]+", "_", key) for key in keys]
+
+
 def write_leaderboard(db_path: str | Path, out_dir: str | Path) -> list[Path]:
     """Write every leaderboard file into ``out_dir``; returns the paths written (leaderboard.md first)."""
     db_path = Path(db_path)
@@ -67,16 +78,20 @@ def write_leaderboard(db_path: str | Path, out_dir: str | Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RobustMatrixError(f"cannot create the output folder {out}: {exc.strerror}") from None
-    several = len(report["datasets"]) > 1
+    for data in report["datasets"]:
+        for text in data["warnings"]:
+            print(f"robustmatrix: warning: {text}", file=sys.stderr)
+    sections = section_keys(report["datasets"])
+    several = len(sections) > 1
     written: list[Path] = []
     figures: dict[str, dict[str, Any]] = {}
-    for data in report["datasets"]:
-        prefix = f"{data['dataset']}-" if several else ""
+    for data, key in zip(report["datasets"], sections, strict=True):
+        prefix = f"{key}-" if several else ""
         heat = plots.heatmap(data, out / f"{prefix}heatmap.png")
         norms = sorted({t["norm"] for t in data["threat_models"]}, key=lambda n: plots.NORM_ORDER.get(n, 9))
         curve_paths = [(norm, plots.curves(data, norm, out / f"{prefix}curves-{norm}.png")) for norm in norms]
         written += [heat, *(p for _, p in curve_paths)]
-        figures[data["dataset"]] = {"heatmap": _encoded(heat), "curves": [(n, _encoded(p)) for n, p in curve_paths]}
+        figures[key] = {"heatmap": _encoded(heat), "curves": [(n, _encoded(p)) for n, p in curve_paths]}
     snapshots = _nightly_snapshots(db_path)
     history = plots.worst_case_history(snapshots, out / HISTORY_PNG) if snapshots else None
     if history is not None:
@@ -85,10 +100,14 @@ def write_leaderboard(db_path: str | Path, out_dir: str | Path) -> list[Path]:
     md = out / "leaderboard.md"
     md.write_text("# robustmatrix leaderboard\n\n" + "\n".join(markdown(d) for d in report["datasets"]))
     csv = out / "leaderboard.csv"
-    pd.concat([wide_frame(d) for d in report["datasets"]], ignore_index=True).to_csv(csv, index=False)
+    write_csv(report["datasets"], csv)
     js = out / "leaderboard.json"
     js.write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False) + "\n")
     page = out / "index.html"
     template = _environment().get_template("index.html.j2")
-    page.write_text(template.render(report=report, figures=figures, history=_encoded(history) if history else None))
+    page.write_text(
+        template.render(
+            report=report, sections=sections, figures=figures, history=_encoded(history) if history else None
+        )
+    )
     return [md, csv, js, page, *written]

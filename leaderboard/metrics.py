@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
+
+from leaderboard.results import Cell
 
 Z_95 = 1.959963984540054
 WHITE_BOX = ("gradient", "adaptive")
@@ -72,56 +73,78 @@ def column_label(attack_id: str, norm: str, eps: float) -> str:
     return f"{attack_id} {norm} {eps:g}"
 
 
-def worst_case(cells: pd.DataFrame) -> dict[tuple[str, float], dict[str, Any]]:
+Masks = dict[int, np.ndarray]
+"""Per-example boolean masks of one cell or threat model, by seed (seeds are evaluated on the same
+examples, so two cells' masks of a seed are paired example by example)."""
+
+
+def _grouped(records: Iterable[Any], key: Any) -> dict[Any, list[Any]]:
+    out: dict[Any, list[Any]] = {}
+    for record in records:
+        out.setdefault(key(record), []).append(record)
+    return out
+
+
+def worst_case(records: Sequence[Cell]) -> dict[tuple[str, float], dict[str, Any]]:
     """Per threat model: the pooled per-example worst case over every attack, and the strongest single
     attack there (lowest robust accuracy; the cascade is not a single attack; ties go to adaptive
-    attacks, which are what broke a defense that needed them)."""
+    attacks, which are what broke a defense that needed them). ``masks`` holds the per-example worst
+    case by seed."""
     out = {}
-    for (norm, eps), group in cells.groupby(["norm", "eps"]):
-        per_seed = []
-        for _, seed_group in group.groupby("seed"):
-            per_seed.append(np.logical_and.reduce(list(seed_group["robust"])))
-        estimate = Estimate.of(per_seed)
-        singles = group[~group["cascade"]] if group["cascade"].any() and not group["cascade"].all() else group
-        strongest = (
-            singles.groupby(["attack_id", "family"])["robust_accuracy"]
-            .mean()
-            .reset_index()
-            .assign(adaptive_first=lambda f: f["family"] != "adaptive")
-            .sort_values(["robust_accuracy", "adaptive_first", "attack_id"], kind="stable")
-        )
-        values = strongest["robust_accuracy"].tolist()
-        out[(str(norm), float(eps))] = {
+    for (norm, eps), group in sorted(_grouped(records, lambda r: (str(r.norm), float(r.eps))).items()):
+        masks = {
+            seed: np.logical_and.reduce([r.robust for r in rows])
+            for seed, rows in sorted(_grouped(group, lambda r: int(r.seed)).items())
+        }
+        estimate = Estimate.of(list(masks.values()))
+        cascades = [bool(r.cascade) for r in group]
+        singles = [r for r in group if not r.cascade] if any(cascades) and not all(cascades) else group
+        means = [
+            (float(np.mean([r.robust_accuracy for r in rows])), family != "adaptive", attack)
+            for (attack, family), rows in _grouped(singles, lambda r: (str(r.attack_id), str(r.family))).items()
+        ]
+        means.sort()
+        out[(norm, eps)] = {
             "estimate": estimate,
-            "strongest_attack": str(strongest.iloc[0]["attack_id"]),
-            "strongest_margin": float(values[1] - values[0]) if len(values) > 1 else 0.0,
-            "attacks": int(group["attack_id"].nunique()),
+            "masks": masks,
+            "strongest_attack": means[0][2],
+            "strongest_margin": means[1][0] - means[0][0] if len(means) > 1 else 0.0,
+            "attacks": len({r.attack_id for r in group}),
         }
     return out
 
 
-def cell_table(cells: pd.DataFrame, trained_against: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def cell_masks(records: Sequence[Cell]) -> dict[tuple[str, str, float], Masks]:
+    """Per (attack, norm, eps): the robust mask of each seed, for paired comparisons between cells."""
+    out: dict[tuple[str, str, float], Masks] = {}
+    for r in records:
+        out.setdefault((str(r.attack_id), str(r.norm), float(r.eps)), {})[int(r.seed)] = r.robust
+    return out
+
+
+def cell_table(records: Sequence[Cell], trained_against: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One entry per (attack, eps) column of a defense, pooled over seeds."""
     rows = []
-    for (attack_id, family, norm, eps), group in cells.groupby(["attack_id", "family", "norm", "eps"]):
-        estimate = Estimate.of(list(group["robust"]))
-        steps = group["steps"].dropna()
+    columns = _grouped(records, lambda r: (str(r.attack_id), str(r.family), str(r.norm), float(r.eps)))
+    for (attack_id, family, norm, eps), group in columns.items():
+        estimate = Estimate.of([r.robust for r in group])
+        steps = [r.steps for r in group if r.steps is not None]
         rows.append(
             {
-                "attack": str(attack_id),
-                "family": str(family),
-                "norm": str(norm),
-                "eps": float(eps),
-                "steps": int(steps.iloc[0]) if len(steps) else None,
-                "cascade": bool(group["cascade"].any()),
-                "seen": is_seen(str(family), str(norm), float(eps), trained_against),
+                "attack": attack_id,
+                "family": family,
+                "norm": norm,
+                "eps": eps,
+                "steps": int(steps[0]) if steps else None,
+                "cascade": any(bool(r.cascade) for r in group),
+                "seen": is_seen(family, norm, eps, trained_against),
                 "robust_accuracy": estimate.value,
                 "ci_low": estimate.low,
                 "ci_high": estimate.high,
                 "n": estimate.n,
-                "wall_time": float(group["wall_time"].sum()),
-                "forwards": int(group["forwards"].sum()),
-                "backwards": int(group["backwards"].sum()),
+                "wall_time": float(sum(r.wall_time for r in group)),
+                "forwards": int(sum(r.forwards for r in group)),
+                "backwards": int(sum(r.backwards for r in group)),
             }
         )
     return sorted(rows, key=lambda r: (r["norm"], r["eps"], r["attack"]))
@@ -154,22 +177,87 @@ def _mean(values: list[float]) -> float | None:
 
 
 def generalization(cells: Sequence[Mapping[str, Any]], threats: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
-    """Seen vs unseen summary of one defense: mean robust accuracy over seen and unseen cells, gap and
-    ratio; and the average and worst competitive ratio over seen and unseen threat models, taken on
-    the per-example worst case — per-attack columns would compare against a masked defense's
+    """Seen vs unseen summary of one defense.
+
+    ``seen`` / ``unseen``: mean robust accuracy over seen cells (white-box attacks inside a trained-for
+    threat model) / over every other cell. They are descriptive only: the unseen cells include noise,
+    transfer and black-box attacks that seen cells never do, so the two means measure different
+    attack mixes and their difference is not a generalization gap.
+
+    ``seen_worst_case`` / ``unseen_worst_case``: mean of the per-example worst case (best-known robust
+    accuracy) over the seen / unseen *threat models*. The same estimator on both sides — every attack
+    of a threat model counts, whatever its family — so ``gap`` = seen_worst_case - unseen_worst_case
+    and ``ratio`` = unseen_worst_case / seen_worst_case compare like with like.
+
+    ``relative_*``: the average and worst competitive ratio over seen and unseen threat models, taken
+    on the per-example worst case — per-attack columns would compare against a masked defense's
     inflated number under an attack that cannot see through it."""
-    seen = [r["robust_accuracy"] for r in cells if r["seen"]]
-    unseen = [r["robust_accuracy"] for r in cells if not r["seen"]]
-    seen_mean, unseen_mean = _mean(seen), _mean(unseen)
+    seen_mean = _mean([r["robust_accuracy"] for r in cells if r["seen"]])
+    unseen_mean = _mean([r["robust_accuracy"] for r in cells if not r["seen"]])
+    seen_worst = _mean([t["value"] for t in threats if t["seen"]])
+    unseen_worst = _mean([t["value"] for t in threats if not t["seen"]])
     relative_seen = [t["relative"] for t in threats if t["seen"] and t.get("relative") is not None]
     relative_unseen = [t["relative"] for t in threats if not t["seen"] and t.get("relative") is not None]
+    both = seen_worst is not None and unseen_worst is not None
     return {
         "seen": seen_mean,
         "unseen": unseen_mean,
-        "gap": seen_mean - unseen_mean if seen_mean is not None and unseen_mean is not None else None,
-        "ratio": unseen_mean / seen_mean if seen_mean and unseen_mean is not None else None,
+        "seen_worst_case": seen_worst,
+        "unseen_worst_case": unseen_worst,
+        "gap": seen_worst - unseen_worst if both else None,
+        "ratio": unseen_worst / seen_worst if both and seen_worst > 0 else None,
         "relative_seen_avg": _mean(relative_seen),
         "relative_seen_worst": min(relative_seen) if relative_seen else None,
         "relative_unseen_avg": _mean(relative_unseen),
         "relative_unseen_worst": min(relative_unseen) if relative_unseen else None,
     }
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exact up to float rounding: the tail is summed from its
+    boundary term away from the mode (terms only shrink, so nothing overflows and the sum stops
+    once they no longer matter); the lower tail gives 1 - P(X <= k - 1) when k is below the mean."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    odds = p / (1 - p)
+
+    def boundary(i: int) -> float:
+        return math.exp(
+            math.lgamma(n + 1)
+            - math.lgamma(i + 1)
+            - math.lgamma(n - i + 1)
+            + i * math.log(p)
+            + (n - i) * math.log1p(-p)
+        )
+
+    term = total = 1.0
+    if k > n * p:
+        for i in range(k, n):
+            term *= (n - i) / (i + 1) * odds
+            total += term
+            if term < 1e-17 * total:
+                break
+        return min(1.0, boundary(k) * total)
+    for i in range(k - 1, 0, -1):
+        term *= i / (n - i + 1) / odds
+        total += term
+        if term < 1e-17 * total:
+            break
+    return max(0.0, 1.0 - boundary(k - 1) * total)
+
+
+def paired_counts(winner: Masks, loser: Masks) -> tuple[int, int]:
+    """Examples of the seeds both cells ran on that survive ``loser`` but not ``winner`` (``winner``
+    broke them and ``loser`` did not), and the reverse — the discordant pairs of McNemar's test."""
+    common = sorted(set(winner) & set(loser))
+    only_winner = sum(int(np.count_nonzero(loser[s] & ~winner[s])) for s in common)
+    only_loser = sum(int(np.count_nonzero(winner[s] & ~loser[s])) for s in common)
+    return only_winner, only_loser
+
+
+def mcnemar_one_sided(only_winner: int, only_loser: int) -> float:
+    """Exact one-sided McNemar p-value: the chance of at least ``only_winner`` of the discordant pairs
+    going the winner's way if both attacks were equally strong (Binomial(discordant, 1/2))."""
+    return binomial_tail(only_winner, only_winner + only_loser, 0.5)

@@ -1,19 +1,28 @@
-"""Reading the results database into tables: the only input the leaderboard has.
+"""Reading the results database into plain rows: the only input the leaderboard has.
 
 When the database holds several generations of a result (a defense retrained after a code change,
 an attack re-run), only the newest counts: the newest training of each (dataset, defense, seed),
 its newest evaluation, and the newest cell per (training, attack, eps).
+
+Results on different numbers of evaluation examples (``run --defense X --config`` with another
+``n_eval``) are never mixed — their masks do not line up — and never dropped: each evaluation size
+of a dataset is a section of its own, the newest size first, and every section carries a warning
+naming the defenses that are only in another one.
+
+Plain sqlite3 and lists, no pandas: the leaderboard runs as a command of its own, and importing
+pandas cost more than everything this module does with it.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import pandas as pd
+import numpy as np
 
 from bench.store import Store, decode_mask
 
@@ -21,108 +30,208 @@ DEFAULT_CLASSES = 10
 """Classes assumed for chance accuracy when an evaluation predates recording ``num_classes``."""
 
 
+class Cell(NamedTuple):
+    """One ok cell of one seed, with the attack's declared ``steps`` and whether it is the cascade."""
+
+    defense_id: str
+    attack_id: str
+    family: str
+    norm: str
+    eps: float
+    seed: int
+    robust: np.ndarray
+    robust_accuracy: float
+    steps: int | None
+    cascade: bool
+    wall_time: float
+    forwards: int
+    backwards: int
+
+
 @dataclass(frozen=True)
 class Results:
     dataset: str
     n_eval: int
-    trainings: pd.DataFrame
-    """One row per (defense_id, seed): the newest training, with clean mask and observations."""
-    cells: pd.DataFrame
-    """One row per (defense_id, seed, attack_id, eps), status ok, with decoded ``robust`` masks and the
-    attack's declared ``steps`` (from the attacks table)."""
-    failed: pd.DataFrame
+    trainings: list[dict[str, Any]]
+    """One per (defense_id, seed): the newest training, with its ``clean`` mask and ``observed``,
+    ``trained_against``, ``nature`` and ``kwargs`` decoded; sorted by defense, then seed."""
+    cells: list[Cell]
+    """One per (defense_id, seed, attack_id, eps), status ok."""
+    failed: list[dict[str, Any]]
     """Failed cells (the newest per key), with their reasons."""
-    failed_trainings: pd.DataFrame
+    failed_trainings: list[dict[str, Any]]
     """Defenses whose training or evaluation failed (so none of their cells ran)."""
+    warnings: tuple[str, ...] = field(default=())
+    """What a reader must know about this section: other evaluation sizes of the dataset, and which
+    defenses are only there."""
 
     @property
     def defenses(self) -> list[str]:
-        return sorted(self.trainings["defense_id"].unique())
+        return sorted({t["defense_id"] for t in self.trainings})
 
     @property
     def seeds(self) -> list[int]:
-        return sorted(int(s) for s in self.trainings["seed"].unique())
+        return sorted({int(t["seed"]) for t in self.trainings})
 
     @property
     def num_classes(self) -> int:
-        counts = [o.get("num_classes") for o in self.trainings["observed"] if o.get("num_classes")]
+        counts = [t["observed"].get("num_classes") for t in self.trainings if t["observed"].get("num_classes")]
         return int(max(counts)) if counts else DEFAULT_CLASSES
 
 
-def _newest(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    return frame.sort_values("created_at", kind="stable").drop_duplicates(keys, keep="last")
+def _newest(rows: Iterable[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """The newest row (by created_at; later rows win ties) per key, in order of first appearance."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["created_at"]):
+        out[tuple(row[k] for k in keys)] = row
+    return list(out.values())
 
 
-def _read(connection: sqlite3.Connection, table: str) -> pd.DataFrame:
+def _read(connection: sqlite3.Connection, table: str, columns: str = "*") -> list[dict[str, Any]]:
     present = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if table not in present:
-        return pd.DataFrame()
-    return pd.read_sql(f"SELECT * FROM {table}", connection)
+        return []
+    cursor = connection.execute(f"SELECT {columns} FROM {table} ORDER BY rowid")  # insertion order breaks ties
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
-def _declared_steps(spec_json: str) -> Any:
-    budget = json.loads(spec_json).get("budget") or {}
-    return budget.get("steps")
+def _attack_declarations(attacks: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int | None, bool]]:
+    """(attack id, version) -> (declared steps, is the cascade: it declares its member attacks)."""
+    out = {}
+    for row in attacks:
+        spec = json.loads(row["spec"])
+        steps = (spec.get("budget") or {}).get("steps")
+        out[(row["attack_id"], row["attack_version"])] = (
+            int(steps) if steps is not None else None,
+            "members" in (spec.get("kwargs") or {}),
+        )
+    return out
 
 
-def _is_cascade(spec_json: str) -> bool:
-    """A cascade (the adaptive worst case) declares its member attacks as a kwarg."""
-    return "members" in (json.loads(spec_json).get("kwargs") or {})
+CELL_COLUMNS = (
+    "cell_key, training_key, dataset, defense_id, attack_id, attack_version, family, norm, eps, seed, n_eval, "
+    "status, error, robust_accuracy, robust_mask, forwards, backwards, wall_time, created_at"
+)
 
 
 def load_results(db_path: str | Path, dataset: str | None = None) -> list[Results]:
-    """Results per dataset (and evaluation size) found in the database, newest generation only."""
+    """Results per dataset and evaluation size found in the database, newest generation only."""
     with Store.open_existing(db_path) as store:
         connection = store.connection
         trainings = _read(connection, "trainings")
         evaluations = _read(connection, "evaluations")
-        cells = _read(connection, "cells")
-        attacks = _read(connection, "attacks")
+        cells = _read(connection, "cells", CELL_COLUMNS)
+        declared = _attack_declarations(_read(connection, "attacks"))
         failures = _read(connection, "failures")
-    if trainings.empty:
-        return []
     if dataset is not None:
-        trainings = trainings[trainings["dataset"] == dataset]
-    if not attacks.empty:
-        attacks = attacks.assign(
-            steps=[_declared_steps(s) for s in attacks["spec"]], cascade=[_is_cascade(s) for s in attacks["spec"]]
-        )
-        cells = cells.merge(
-            attacks[["attack_id", "attack_version", "steps", "cascade"]], on=["attack_id", "attack_version"], how="left"
-        )
-        cells["cascade"] = cells["cascade"].astype("boolean").fillna(False).astype(bool)
-    else:
-        cells = cells.assign(steps=None, cascade=False)
+        trainings = [t for t in trainings if t["dataset"] == dataset]
     out = []
-    for name in sorted(trainings["dataset"].unique()):
-        chosen = _newest(trainings[trainings["dataset"] == name], ["defense_id", "seed"])
-        evals = evaluations[evaluations["training_key"].isin(chosen["training_key"])]
-        if evals.empty:
+    for name in sorted({t["dataset"] for t in trainings}):
+        chosen = {
+            t["training_key"]: t
+            for t in _newest((t for t in trainings if t["dataset"] == name), ["defense_id", "seed"])
+        }
+        evals = [e for e in evaluations if e["training_key"] in chosen]
+        if not evals:
             continue
-        # The evaluation size of the newest evaluation is the one shown; masks of other sizes cannot mix.
-        n_eval = int(evals.sort_values("created_at", kind="stable").iloc[-1]["n_eval"])
-        evals = _newest(evals[evals["n_eval"] == n_eval], ["training_key"])
-        table = chosen.merge(evals[["training_key", "clean_accuracy", "clean_mask", "observed"]], on="training_key")
-        table["clean"] = [decode_mask(blob, n_eval) for blob in table["clean_mask"]]
-        for column in ("observed", "trained_against", "nature", "kwargs"):
-            table[column] = [json.loads(value) for value in table[column]]
-        relevant = cells[cells["training_key"].isin(table["training_key"]) & (cells["n_eval"] == n_eval)]
-        relevant = _newest(relevant, ["training_key", "attack_id", "eps"])
-        ok = relevant[relevant["status"] == "ok"].copy()
-        ok["robust"] = [decode_mask(blob, n_eval) for blob in ok["robust_mask"]]
-        failed = relevant[relevant["status"] == "failed"]
-        broken = pd.DataFrame(columns=["defense_id", "seed", "kind", "error"])
-        if not failures.empty:
-            mine = failures[(failures["dataset"] == name) & ~failures["defense_id"].isin(table["defense_id"])]
-            broken = _newest(mine, ["defense_id", "seed"])[["defense_id", "seed", "kind", "error"]]
-        out.append(
-            Results(
-                name,
-                n_eval,
-                table.reset_index(drop=True),
-                ok.reset_index(drop=True),
-                failed.reset_index(drop=True),
-                broken.reset_index(drop=True),
+        # Masks of different sizes cannot mix: one section per size, the newest evaluation's first.
+        newest_first = reversed(sorted(evals, key=lambda e: e["created_at"]))  # ties: the later row is newer
+        sizes = list(dict.fromkeys(int(e["n_eval"]) for e in newest_first))
+        members = {
+            n: sorted({chosen[e["training_key"]]["defense_id"] for e in evals if e["n_eval"] == n}) for n in sizes
+        }
+        present = {t["defense_id"] for t in chosen.values()}
+        broken = [
+            {"defense_id": f["defense_id"], "seed": int(f["seed"]), "kind": f["kind"], "error": f["error"]}
+            for f in _newest(
+                (f for f in failures if f["dataset"] == name and f["defense_id"] not in present), ["defense_id", "seed"]
+            )
+        ]
+        for position, n_eval in enumerate(sizes):
+            out.append(
+                _section(
+                    name,
+                    n_eval,
+                    chosen,
+                    [e for e in evals if e["n_eval"] == n_eval],
+                    [c for c in cells if c["training_key"] in chosen and c["n_eval"] == n_eval],
+                    declared,
+                    broken if position == 0 else [],
+                    tuple(_size_warnings(name, n_eval, members)),
+                )
+            )
+    return out
+
+
+def _section(
+    name: str,
+    n_eval: int,
+    chosen: dict[str, dict[str, Any]],
+    evals: list[dict[str, Any]],
+    cells: list[dict[str, Any]],
+    declared: dict[tuple[str, str], tuple[int | None, bool]],
+    broken: list[dict[str, Any]],
+    warnings: tuple[str, ...],
+) -> Results:
+    trainings = []
+    for evaluation in _newest(evals, ["training_key"]):
+        row = dict(chosen[evaluation["training_key"]])
+        row["clean"] = decode_mask(evaluation["clean_mask"], n_eval)
+        row["observed"] = json.loads(evaluation["observed"])
+        for column in ("trained_against", "nature", "kwargs"):
+            row[column] = json.loads(row[column])
+        trainings.append(row)
+    trainings.sort(key=lambda t: (t["defense_id"], int(t["seed"])))
+    evaluated = {t["training_key"] for t in trainings}
+    relevant = _newest((c for c in cells if c["training_key"] in evaluated), ["training_key", "attack_id", "eps"])
+    ok, failed = [], []
+    for c in relevant:
+        if c["status"] != "ok":
+            failed.append(
+                {
+                    "defense_id": c["defense_id"],
+                    "attack_id": c["attack_id"],
+                    "norm": c["norm"],
+                    "eps": float(c["eps"]),
+                    "seed": int(c["seed"]),
+                    "error": c["error"],
+                }
+            )
+            continue
+        steps, cascade = declared.get((c["attack_id"], c["attack_version"]), (None, False))
+        ok.append(
+            Cell(
+                c["defense_id"],
+                c["attack_id"],
+                c["family"],
+                c["norm"],
+                float(c["eps"]),
+                int(c["seed"]),
+                decode_mask(c["robust_mask"], n_eval),
+                float(c["robust_accuracy"]),
+                steps,
+                cascade,
+                float(c["wall_time"]),
+                int(c["forwards"]),
+                int(c["backwards"]),
             )
         )
-    return out
+    return Results(name, n_eval, trainings, ok, failed, broken, warnings)
+
+
+def _size_warnings(dataset: str, n_eval: int, members: dict[int, list[str]]) -> list[str]:
+    if len(members) < 2:
+        return []
+    others = [n for n in members if n != n_eval]
+    absent = sorted(set().union(*(members[n] for n in others)) - set(members[n_eval]))
+    text = (
+        f"{dataset} has results on {len(members)} evaluation sizes "
+        f"(n_eval {', '.join(str(n) for n in members)}; a run with a --config of another n_eval made the "
+        f"newer ones). Results of different sizes are never mixed: this table ranks the "
+        f"{len(members[n_eval])} defense{'s' if len(members[n_eval]) != 1 else ''} evaluated on {n_eval} examples"
+    )
+    if absent:
+        shown = ", ".join(absent[:12]) + (f" and {len(absent) - 12} more" if len(absent) > 12 else "")
+        text += f"; not in it, because they were evaluated only on other sizes: {shown}"
+    return [text + "."]

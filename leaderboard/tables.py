@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from tabulate import tabulate
 
 from leaderboard.plots import columns_of
@@ -18,28 +19,46 @@ SUMMARY_COLUMNS = [
     "worst case",
     "seen",
     "unseen",
+    "wc seen",
+    "wc unseen",
     "gap",
+    "ratio",
     "rel. seen (avg)",
+    "rel. seen (worst)",
     "rel. unseen (avg)",
+    "rel. unseen (worst)",
     "strongest attack",
     "flags",
     "training (s)",
 ]
+INCOMPLETE = "(incomplete)"
+"""Appended to the name of a defense that is not ranked because it has no result at some threat model."""
 
 
-def summary_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+def threat_list(threats: list[Mapping[str, Any]]) -> str:
+    return ", ".join(f"{t['norm']} {t['eps']:g}" for t in threats)
+
+
+def summary_rows(data: Mapping[str, Any], *, mark_incomplete: bool = False) -> list[dict[str, Any]]:
     return [
         {
             "rank": d["rank"],
-            "defense": d["defense"],
+            "defense": f"{d['defense']} {INCOMPLETE}"
+            if mark_incomplete and d["missing_threat_models"]
+            else d["defense"],
             "source": d["source"],
             "clean": d["clean"]["value"],
             "worst case": d["worst_case"],
             "seen": d["seen"],
             "unseen": d["unseen"],
+            "wc seen": d["seen_worst_case"],
+            "wc unseen": d["unseen_worst_case"],
             "gap": d["gap"],
+            "ratio": d["ratio"],
             "rel. seen (avg)": d["relative_seen_avg"],
+            "rel. seen (worst)": d["relative_seen_worst"],
             "rel. unseen (avg)": d["relative_unseen_avg"],
+            "rel. unseen (worst)": d["relative_unseen_worst"],
             "strongest attack": d["strongest_attack"],
             "flags": ", ".join(f["key"] for f in d["flags"]),
             "training (s)": d["training"]["wall_time"],
@@ -48,11 +67,12 @@ def summary_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def wide_frame(data: Mapping[str, Any]) -> pd.DataFrame:
+def wide_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per defense: the summary, the worst case per threat model, and every attack x eps column."""
     rows = []
     for d, summary in zip(data["defenses"], summary_rows(data), strict=True):
         row = {"dataset": data["dataset"], "n_eval": data["n_eval"], **summary}
+        row["missing threat models"] = threat_list(d["missing_threat_models"])
         row["training forwards"] = d["training"]["forwards"]
         row["training backwards"] = d["training"]["backwards"]
         for threat in d["worst_case_by_threat"]:
@@ -60,39 +80,62 @@ def wide_frame(data: Mapping[str, Any]) -> pd.DataFrame:
         for cell in d["cells"]:
             row[f"{cell['attack']} {cell['norm']} {cell['eps']:g}"] = cell["robust_accuracy"]
         rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
-def _table(frame: pd.DataFrame) -> str:
-    cleaned = frame.astype(object).where(frame.notna(), None)  # missing values print as "–", not "nan"
-    return tabulate(cleaned, headers="keys", tablefmt="github", showindex=False, floatfmt=".3f", missingval="–")
+def write_csv(datasets: list[Mapping[str, Any]], path: Path) -> None:
+    """Every section's wide rows in one CSV; a column a row lacks is an empty field."""
+    rows = [row for data in datasets for row in wide_rows(data)]
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
+    """A GitHub Markdown table; missing values print as "–"."""
+    body = [[row.get(column) for column in columns] for row in rows]
+    return tabulate(body, headers=columns, tablefmt="github", floatfmt=".3f", missingval="–")
 
 
 def markdown(data: Mapping[str, Any]) -> str:
     seeds = data["seeds"]
     lines = [
-        f"## {data['dataset']}",
+        f"## {data['dataset']}" + (f" ({data['n_eval']} evaluation examples)" if data["warnings"] else ""),
         "",
+        *(f"> **Warning:** {text}\n" for text in data["warnings"]),
         f"{data['n_eval']} evaluation examples, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
         "Accuracies are fractions. *worst case* is the best-known robust accuracy: per threat model, an example "
         "counts as robust only if every attack there (adaptive ones included) failed on it; the column is the mean "
-        "over threat models and gives the rank. *seen* / *unseen*: mean robust accuracy on white-box cells inside a "
-        "threat model the defense was trained for / on every other cell.",
+        "over the dataset's threat models and gives the rank. *seen* / *unseen*: mean robust accuracy on white-box "
+        "cells inside a threat model the defense was trained for / on every other cell (different attack mixes: "
+        "not comparable). *wc seen* / *wc unseen*: mean worst case over the seen / unseen threat models; "
+        "*gap* = wc seen − wc unseen and *ratio* = wc unseen / wc seen. *rel.*: competitive ratio (accuracy / "
+        "the best defense's) on the worst case per threat model, average and worst over seen / unseen ones.",
         "",
-        _table(pd.DataFrame(summary_rows(data), columns=SUMMARY_COLUMNS)),
+        _table(summary_rows(data, mark_incomplete=True), SUMMARY_COLUMNS),
         "",
+    ]
+    incomplete = [d for d in data["defenses"] if d["missing_threat_models"]]
+    for d in incomplete:
+        lines.append(
+            f"- **{d['defense']} {INCOMPLETE}** is not ranked: it has no result at "
+            f"{threat_list(d['missing_threat_models'])} (its cells there failed or were not run), so its worst "
+            "case would be a mean over fewer threat models than everyone else's."
+        )
+    if incomplete:
+        lines.append("")
+    lines += [
         "### Worst case per threat model",
         "",
     ]
     threats = [(t["norm"], t["eps"]) for t in data["threat_models"]]
-    worst = pd.DataFrame(
-        [
-            {"defense": d["defense"], **{f"{t['norm']} {t['eps']:g}": t["value"] for t in d["worst_case_by_threat"]}}
-            for d in data["defenses"]
-        ],
-        columns=["defense", *(f"{n} {e:g}" for n, e in threats)],
-    )
-    lines += [_table(worst), ""]
+    worst = [
+        {"defense": d["defense"], **{f"{t['norm']} {t['eps']:g}": t["value"] for t in d["worst_case_by_threat"]}}
+        for d in data["defenses"]
+    ]
+    lines += [_table(worst, ["defense", *(f"{n} {e:g}" for n, e in threats)]), ""]
     flagged = [d for d in data["defenses"] if d["flags"]]
     if flagged:
         lines += ["### Masking flags", ""]
@@ -104,17 +147,14 @@ def markdown(data: Mapping[str, Any]) -> str:
     columns = columns_of(data)
     for norm, eps in threats:
         attacks = [a for n, e, a in columns if (n, e) == (norm, eps)]
-        frame = pd.DataFrame(
-            [
-                {
-                    "defense": d["defense"],
-                    **{c["attack"]: c["robust_accuracy"] for c in d["cells"] if (c["norm"], c["eps"]) == (norm, eps)},
-                }
-                for d in data["defenses"]
-            ],
-            columns=["defense", *attacks],
-        )
-        lines += [f"**{norm} {eps:g}**", "", _table(frame), ""]
+        frame = [
+            {
+                "defense": d["defense"],
+                **{c["attack"]: c["robust_accuracy"] for c in d["cells"] if (c["norm"], c["eps"]) == (norm, eps)},
+            }
+            for d in data["defenses"]
+        ]
+        lines += [f"**{norm} {eps:g}**", "", _table(frame, ["defense", *attacks]), ""]
     for failure in data["failed_defenses"]:
         lines.append(f"- {failure['defense']} (seed {failure['seed']}): {failure['stage']} failed: {failure['error']}")
     if data["failed_cells"]:

@@ -123,7 +123,8 @@ FLAG_CASES = [
         {("fgsm-linf-v1", 0.2): 0.1, ("pgd-linf-v1", 0.2): 0.6},
         {},
         {},
-        "fgsm-linf-v1 10.0% vs pgd-linf-v1 60.0% at linf 0.2",
+        "fgsm-linf-v1 10.0% vs pgd-linf-v1 60.0% at linf 0.2 (paired: 50 examples broken only by the first, 0 only "
+        "by the second; one-sided p < 1e-4)",
     ),
     (
         "black-box-beats-white-box",
@@ -152,7 +153,7 @@ FLAG_CASES = [
         {("pgd-linf-v1", 0.1): 0.8, ("pgd-linf-v1", 0.3): 0.7},
         {},
         {},
-        "worst case 70.0% at linf 0.3 (chance 10.0%)",
+        "worst case 70.0% at linf 0.3 (chance 10.0%; above chance + 15 points with one-sided p < 1e-4)",
     ),
     (
         "standard-evaluation-unreliable",
@@ -166,7 +167,8 @@ FLAG_CASES = [
         {("pgd-linf-v1", 0.2): 0.0},
         {"vanishing_gradient_ce": 0.5, "zero_gradient_ce": 0.25},
         {},
-        "vanish on 50.0% of probed examples (cross-entropy) and 0.0% (DLR); exactly zero on 25.0%",
+        "vanish on 32 of 64 probed correctly classified examples (50.0%) with cross-entropy and 0 (0.0%) with DLR; "
+        "exactly zero on 25.0%",
     ),
     ("probability-outputs", {("pgd-linf-v1", 0.2): 0.0}, {"probability_like": True}, {}, "sum to 1"),
     (
@@ -301,3 +303,343 @@ def test_a_collapsed_training_is_flagged(tmp_path):
     report = build_report(db)
     assert "clean accuracy 10.0% (chance 10.0%)" in _flags(_entry(report, "collapsed-v1"))["clean-near-chance"]
     assert "clean-near-chance" not in _flags(_entry(report, "fine-v1"))
+
+
+# ------------------------------------------------------------------ ranking over the dataset's threat models
+
+
+def test_a_defense_missing_a_threat_model_is_unranked_not_first(tmp_path):
+    """Its l2 cell failed: averaged over its own threat models (linf only) it would rank first with
+    0.9. It is listed after the ranked defenses, worst case null, the missing threat model named."""
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense("partial-v1", {("pgd-linf-v1", 0.2): 0.9}, failed=[("pgd-l2-v1", 1.0)]),
+            FakeDefense("full-v1", {("pgd-linf-v1", 0.2): 0.5, ("pgd-l2-v1", 1.0): 0.3}),
+            FakeDefense("weak-v1", {("pgd-linf-v1", 0.2): 0.1, ("pgd-l2-v1", 1.0): 0.0}),
+        ],
+    )
+    report = build_report(db)
+    data = report["datasets"][0]
+    assert [(d["defense"], d["rank"]) for d in data["defenses"]] == [
+        ("full-v1", 1),
+        ("weak-v1", 2),
+        ("partial-v1", None),
+    ]
+    partial = _entry(report, "partial-v1")
+    assert partial["worst_case"] is None
+    assert partial["missing_threat_models"] == [{"norm": "l2", "eps": 1.0}]
+    assert [t["value"] for t in partial["worst_case_by_threat"]] == [0.9], "what it has is still shown"
+    assert _entry(report, "full-v1")["missing_threat_models"] == []
+    assert data["failed_cells"][0]["attack"] == "pgd-l2-v1"
+
+    write_leaderboard(db, tmp_path / "out")
+    markdown = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "| partial-v1 (incomplete)" in markdown
+    assert "**partial-v1 (incomplete)** is not ranked: it has no result at l2 1" in markdown
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert 'title="not ranked: no result at l2 1">incomplete</span>' in html
+    rows = {r["defense"]: r for r in csv.DictReader((tmp_path / "out" / "leaderboard.csv").open())}
+    assert rows["partial-v1"]["rank"] == "" and rows["partial-v1"]["worst case"] == ""
+    assert rows["partial-v1"]["missing threat models"] == "l2 1" and rows["full-v1"]["rank"] == "1"
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _set(path, value):
+    """A corruption: set the value at ``path`` (keys and indexes from the report root)."""
+
+    def corrupt(report):
+        target = report
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return corrupt
+
+
+def _delete(path):
+    def corrupt(report):
+        target = report
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+
+    return corrupt
+
+
+def _add_flag(flag):
+    def corrupt(report):
+        report["datasets"][0]["defenses"][0]["flags"].append(flag)
+
+    return corrupt
+
+
+D0 = ("datasets", 0, "defenses", 0)
+CELL0 = (*D0, "cells", 0)
+CORRUPTIONS = {
+    "ci_low is a string": _set((*CELL0, "ci_low"), "abc"),
+    "negative n": _set((*CELL0, "n"), -5),
+    "fractional n": _set((*CELL0, "n"), 99.5),
+    "seen is a number": _set((*D0, "seen"), 7.0),
+    "relative above 1": _set((*CELL0, "relative"), 2.5),
+    "worst case is not the mean over threat models": _set((*D0, "worst_case"), 0.05),
+    "unknown flag with a non-string title": _add_flag({"key": "made-up", "title": 3, "evidence": "x"}),
+    "known flag with the wrong title": _add_flag({"key": "zero-gradients", "title": "other", "evidence": "x"}),
+    "strongest attack is a number": _set((*D0, "strongest_attack"), 3),
+    "source is null": _set((*D0, "source"), None),
+    "missing defense key": _delete((*D0, "gap")),
+    "missing cell key": _delete((*CELL0, "ci_high")),
+    "missing dataset key": _delete(("datasets", 0, "threat_models")),
+    "missing schema": _delete(("schema",)),
+    "unknown key": _set((*D0, "surprise"), 1),
+    "value outside its interval": _set((*CELL0, "ci_high"), 0.1),
+    "interval is not Wilson's": _set((*CELL0, "ci_low"), 0.01),
+    "value is not a proportion of n": _set((*CELL0, "robust_accuracy"), 0.2001),
+    "NaN": _set((*D0, "unseen"), float("nan")),
+    "gap is not seen minus unseen worst case": _set(("datasets", 0, "defenses", 1, "gap"), 0.2),
+    "ratio is not unseen over seen worst case": _set(("datasets", 0, "defenses", 1, "ratio"), 0.5),
+    "seen contradicts trained_against": _set((*CELL0, "seen"), True),
+    "unknown family": _set((*CELL0, "family"), "magic"),
+    "rank out of order": _set((*D0, "rank"), 2),
+    "ranked without a worst case": _set((*D0, "worst_case"), None),
+    "negative training time": _set((*D0, "training", "wall_time"), -1.0),
+    "clean n is a bool": _set((*D0, "clean", "n"), True),
+    "numpy integer": _set((*CELL0, "forwards"), np.int64(10)),
+    "seeds not integers": _set(("datasets", 0, "seeds"), [0.5]),
+    "threat model missing from the dataset list": _set(("datasets", 0, "threat_models"), []),
+}
+
+
+@pytest.fixture(scope="module")
+def valid_report(tmp_path_factory):
+    db = write_database(
+        tmp_path_factory.mktemp("valid") / "r.db",
+        [
+            FakeDefense("a-v1", {("pgd-linf-v1", 0.2): 0.5, ("pgd-l2-v1", 1.0): 0.2}),
+            FakeDefense("b-v1", {("pgd-linf-v1", 0.2): 0.1, ("pgd-l2-v1", 1.0): 0.0}, trained_against=LINF_02),
+        ],
+    )
+    return build_report(db)
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=list(CORRUPTIONS))
+def test_validation_refuses_each_corruption(valid_report, corruption):
+    import copy
+
+    validate(valid_report)
+    report = copy.deepcopy(valid_report)
+    CORRUPTIONS[corruption](report)
+    with pytest.raises(ReportError):
+        validate(report)
+
+
+def test_validation_error_names_the_missing_key(valid_report):
+    import copy
+
+    report = copy.deepcopy(valid_report)
+    del report["datasets"][0]["defenses"][0]["cells"][0]["ci_high"]
+    with pytest.raises(ReportError, match="missing ci_high"):
+        validate(report)
+
+
+# ------------------------------------------------------------------- summary columns and seen/unseen gap
+
+
+def test_gap_and_ratio_compare_worst_cases_not_different_attack_mixes(tmp_path):
+    """Trained for linf 0.2, robust there (0.6 under PGD) and weaker at l2 (0.3). Noise at linf 0.3
+    leaves 0.95 — it is an unseen *cell*, so the unseen cell mean (0.61) would exceed the seen one
+    and the cell gap come out negative. On worst cases per threat model the gap is the real one."""
+    cells = {
+        ("pgd-linf-v1", 0.2): 0.6,
+        ("noise-linf-v1", 0.2): 0.9,
+        ("pgd-l2-v1", 1.0): 0.3,
+        ("pgd-linf-v1", 0.3): 0.6,
+        ("noise-linf-v1", 0.3): 0.95,
+    }
+    db = write_database(tmp_path / "r.db", [FakeDefense("at-v1", cells, trained_against=LINF_02)])
+    entry = _entry(build_report(db), "at-v1")
+    assert entry["seen"] == pytest.approx(0.6), "the issue's definition: seen white-box cells"
+    assert entry["unseen"] == pytest.approx((0.9 + 0.3 + 0.6 + 0.95) / 4), "every other cell"
+    assert entry["unseen"] > entry["seen"]
+    assert entry["seen_worst_case"] == pytest.approx(0.6)
+    assert entry["unseen_worst_case"] == pytest.approx((0.3 + 0.6) / 2)
+    assert entry["gap"] == pytest.approx(0.6 - 0.45) and entry["ratio"] == pytest.approx(0.45 / 0.6)
+
+
+def test_ratio_and_worst_competitive_ratios_are_in_every_summary(tmp_path):
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense(
+                "linf-at-v1",
+                {("pgd-linf-v1", 0.2): 0.6, ("pgd-linf-v1", 0.1): 0.8, ("pgd-l2-v1", 1.5): 0.1},
+                trained_against=LINF_02,
+            ),
+            FakeDefense(
+                "l2-at-v1",
+                {("pgd-linf-v1", 0.2): 0.3, ("pgd-linf-v1", 0.1): 0.4, ("pgd-l2-v1", 1.5): 0.4},
+                trained_against=[{"norm": "l2", "eps": 1.5, "attack": "pgd"}],
+            ),
+        ],
+    )
+    write_leaderboard(db, tmp_path / "out")
+    rows = {r["defense"]: r for r in csv.DictReader((tmp_path / "out" / "leaderboard.csv").open())}
+    linf = rows["linf-at-v1"]
+    assert float(linf["ratio"]) == pytest.approx(0.1 / 0.7)
+    assert float(linf["rel. seen (worst)"]) == pytest.approx(1.0)
+    assert float(linf["rel. unseen (worst)"]) == pytest.approx(0.25)
+    assert float(rows["l2-at-v1"]["rel. unseen (worst)"]) == pytest.approx(0.4 / 0.8)
+    header = (tmp_path / "out" / "leaderboard.md").read_text().split("\n| ---")[0]
+    for column in ("ratio", "rel. seen (worst)", "rel. unseen (worst)", "wc seen", "wc unseen"):
+        assert f" {column} " in header, column
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "<td>0.14</td>" in html, "the ratio"
+    assert "<td>1.00 / 1.00</td>" in html and "<td>0.25 / 0.25</td>" in html, "average / worst"
+
+
+def test_strongest_attack_tooltip_describes_the_summed_lead(tmp_path):
+    db = write_database(tmp_path / "r.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.2): 0.5})])
+    write_leaderboard(db, tmp_path / "out")
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "largest total lead over the runner-up attack, summed over the Lp threat models" in html
+    assert "strongest at most Lp threat models" not in html
+
+
+# ----------------------------------------------------------------------------- sample-size-aware flags
+
+
+def _masks(n, robust_under_both, only_first, only_second):
+    """Two robust masks over n examples: both robust on the first ``robust_under_both``, then
+    ``only_first`` examples robust only under the first, then ``only_second`` only under the second."""
+    first, second = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    first[:robust_under_both] = second[:robust_under_both] = True
+    start = robust_under_both
+    first[start : start + only_first] = True
+    start += only_first
+    second[start : start + only_second] = True
+    return first, second
+
+
+def test_a_difference_inside_the_noise_raises_no_flag(tmp_path):
+    """The quick matrix's random-resize-pad: FGSM 11% vs APGD-CE 14% on 100 examples, 13 examples
+    broken only by FGSM and 10 only by APGD (p = 0.34). Three points, not a sign of masking."""
+    apgd, fgsm = _masks(100, 1, 13, 10)  # apgd robust on 1 + 13 = 14, fgsm on 1 + 10 = 11
+    db = write_database(
+        tmp_path / "r.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.2): apgd, ("fgsm-linf-v1", 0.2): fgsm})]
+    )
+    assert "single-step-beats-iterative" not in _flags(_entry(build_report(db), "d-v1"))
+
+
+def test_a_paired_difference_that_is_significant_raises_the_flag(tmp_path):
+    """random-resize-pad at l2 1: EOT 5% vs APGD-CE 13%, 11 examples broken only by EOT and 3 only
+    by APGD: p = 0.029 < ALPHA."""
+    apgd, eot = _masks(100, 2, 11, 3)  # apgd robust on 13, eot on 5
+    db = write_database(
+        tmp_path / "r.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.2): apgd, ("eot-pgd-linf-v1", 0.2): eot})]
+    )
+    evidence = _flags(_entry(build_report(db), "d-v1"))["standard-evaluation-unreliable"]
+    assert "eot-pgd-linf-v1 5.0% vs pgd-linf-v1 13.0%" in evidence
+    assert "11 examples broken only by the first, 3 only by the second; one-sided p = 0.029" in evidence
+
+
+def test_the_same_point_difference_is_significant_or_not_depending_on_the_pairs(tmp_path):
+    """8 points both times. 12 examples broken only by EOT and 4 only by APGD: p = 0.038, flagged.
+    20 and 12: p = 0.11 — the attacks disagree on too many examples to call either stronger."""
+    for name, (both, only_apgd, only_eot), fires in (("a", (1, 12, 4), True), ("b", (0, 20, 12), False)):
+        apgd, eot = _masks(100, both, only_apgd, only_eot)
+        assert round(100 * (apgd.mean() - eot.mean())) == 8
+        cells = {("pgd-linf-v1", 0.2): apgd, ("eot-pgd-linf-v1", 0.2): eot}
+        db = write_database(tmp_path / f"{name}.db", [FakeDefense("d-v1", cells)])
+        assert ("standard-evaluation-unreliable" in _flags(_entry(build_report(db), "d-v1"))) is fires, name
+
+
+def test_an_adaptive_attack_must_beat_every_standard_gradient_attack_significantly(tmp_path):
+    """Distillation's pattern: logit-space PGD breaks it, cross-entropy PGD does not. With a margin
+    attack in the standard set that also breaks it, a standard evaluation was not fooled: no flag."""
+    ce = {("pgd-linf-v1", 0.2): 0.83, ("eot-pgd-linf-v1", 0.2): 0.0}
+    db = write_database(tmp_path / "r.db", [FakeDefense("d-v1", ce)])
+    assert "standard-evaluation-unreliable" in _flags(_entry(build_report(db), "d-v1"))
+    db = write_database(tmp_path / "r2.db", [FakeDefense("d-v1", {**ce, ("pgd-margin-linf-v1", 0.2): 0.01})])
+    assert "standard-evaluation-unreliable" not in _flags(_entry(build_report(db), "d-v1"))
+
+
+def test_black_box_flag_says_what_it_compares_with(tmp_path):
+    """It compares with standard gradient attacks only: an adaptive (BPDA) attack may be stronger."""
+    cells = {("square-linf-v1", 0.2): 0.1, ("pgd-linf-v1", 0.2): 0.6, ("bpda-pgd-linf-v1", 0.2): 0.0}
+    db = write_database(tmp_path / "r.db", [FakeDefense("d-v1", cells)])
+    (flag,) = [f for f in _entry(build_report(db), "d-v1")["flags"] if f["key"] == "black-box-beats-white-box"]
+    assert flag["title"] == "a black-box, transfer or noise attack beats every standard gradient attack"
+
+
+@pytest.mark.parametrize(
+    "observed, fires",
+    [
+        ({"vanishing_gradient_dlr": 1 / 64, "zero_gradient_dlr": 1 / 64}, False),  # one example of 64
+        ({"vanishing_gradient_ce": 2 / 64}, False),  # two: below the minimum count
+        ({"vanishing_gradient_ce": 5 / 64}, False),  # five, but under 10%
+        ({"vanishing_gradient_ce": 7 / 64}, True),  # seven, 10.9%
+        ({"vanishing_gradient_ce": 0.935}, True),  # distillation's saturated cross-entropy
+        ({"vanishing_gradient_ce": 1.0, "vanishing_gradient_dlr": 1.0, "zero_gradient_ce": 1.0}, True),  # quantization
+    ],
+)
+def test_zero_gradients_needs_a_sizeable_share_of_examples(tmp_path, observed, fires):
+    db = write_database(tmp_path / "r.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.2): 0.0}, observed=observed)])
+    assert ("zero-gradients" in _flags(_entry(build_report(db), "d-v1"))) is fires
+
+
+def test_not_near_chance_needs_significance(tmp_path):
+    """Chance + 15 points is 25%: 28% of 100 examples is inside the noise (p = 0.27), 40% is not."""
+    for value, fires in ((0.28, False), (0.40, True)):
+        db = write_database(tmp_path / f"{value}.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.3): value})])
+        assert ("not-near-chance" in _flags(_entry(build_report(db), "d-v1"))) is fires, value
+
+
+def test_accuracy_rising_with_eps_is_a_paired_test_too(tmp_path):
+    smaller, larger = _masks(100, 20, 0, 5)  # 5 examples robust only at the larger eps: p = 0.03
+    db = write_database(
+        tmp_path / "r.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.1): smaller, ("pgd-linf-v1", 0.3): larger})]
+    )
+    evidence = _flags(_entry(build_report(db), "d-v1"))["accuracy-rises-with-eps"]
+    assert "pgd-linf-v1: 20.0% at linf 0.1 but 25.0% at 0.3" in evidence
+    assert "(paired: 5 examples broken only at the smaller eps, 0 only at the larger; one-sided p = 0.031)" in evidence
+    smaller, larger = _masks(100, 20, 4, 7)  # 7 vs 4 the other way: 3 points, p = 0.27
+    db = write_database(
+        tmp_path / "r2.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.1): smaller, ("pgd-linf-v1", 0.3): larger})]
+    )
+    assert "accuracy-rises-with-eps" not in _flags(_entry(build_report(db), "d-v1"))
+
+
+# ------------------------------------------------------------------------------- evaluation sizes
+
+
+def test_defenses_evaluated_on_another_n_eval_get_their_own_section_and_a_warning(tmp_path, capsys):
+    """`run --defense new-v1 --config` with n_eval 50 after a run with 100: nothing is dropped."""
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense("a-v1", {("pgd-linf-v1", 0.2): 0.5}),
+            FakeDefense("b-v1", {("pgd-linf-v1", 0.2): 0.3}),
+            FakeDefense("new-v1", {("pgd-linf-v1", 0.2): 0.4}, n_eval=50),
+        ],
+    )
+    report = build_report(db)
+    sections = [(d["n_eval"], [e["defense"] for e in d["defenses"]]) for d in report["datasets"]]
+    assert sections == [(50, ["new-v1"]), (100, ["a-v1", "b-v1"])], "the newest size first"
+    (warning,) = report["datasets"][0]["warnings"]
+    assert "not in it, because they were evaluated only on other sizes: a-v1, b-v1" in warning
+    assert "this table ranks the 2 defenses evaluated on 100 examples" in report["datasets"][1]["warnings"][0]
+    written = {p.name for p in write_leaderboard(db, tmp_path / "out")}
+    assert {"digits-n50-heatmap.png", "digits-n100-heatmap.png"} <= written
+    assert "warning: digits has results on 2 evaluation sizes" in capsys.readouterr().err
+    markdown = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "## digits (50 evaluation examples)" in markdown and "> **Warning:** digits has results" in markdown
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert '<p class="warning"><strong>Warning:</strong> digits has results on 2 evaluation sizes' in html
+    assert 'id="dataset-digits-n50"' in html and 'id="dataset-digits-n100"' in html
+
+
+def test_a_single_evaluation_size_has_no_warning(tmp_path):
+    db = write_database(tmp_path / "r.db", [FakeDefense("a-v1", {("pgd-linf-v1", 0.2): 0.5})])
+    assert build_report(db)["datasets"][0]["warnings"] == []

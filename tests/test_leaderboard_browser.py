@@ -32,6 +32,7 @@ def page(tmp_path_factory):
             {("pgd-linf-v1", 0.1): 0.8, ("pgd-linf-v1", 0.3): 0.2, ("pgd-l2-v1", 1.0): 0.1},
             trained_against=[{"norm": "linf", "eps": 0.2, "attack": "pgd"}],
         ),
+        FakeDefense("partial-v1", {("pgd-linf-v1", 0.1): 0.9, ("pgd-linf-v1", 0.3): 0.9}, failed=[("pgd-l2-v1", 1.0)]),
         FakeDefense(
             EVIL,
             {("pgd-linf-v1", 0.1): 0.5, ("pgd-linf-v1", 0.3): 0.4, ("pgd-l2-v1", 1.0): 0.3},
@@ -88,6 +89,25 @@ def test_page_renders_every_defense(loaded):
         assert name in shown, name
     images = browser.find_elements(By.TAG_NAME, "img")
     assert images and all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in images)
+
+
+def test_summary_columns_line_up_and_an_incomplete_defense_is_marked(loaded):
+    """The two header rows (groups, then their columns) span exactly the cells of every body row."""
+    browser, _, _ = loaded
+    from selenium.webdriver.common.by import By
+
+    table = browser.find_element(By.CSS_SELECTOR, "table.summary")
+    header = table.find_elements(By.CSS_SELECTOR, "thead tr")
+    assert len(header) == 2
+    top = sum(int(th.get_attribute("colspan") or 1) for th in header[0].find_elements(By.TAG_NAME, "th"))
+    grouped = sum(int(th.get_attribute("colspan") or 1) > 1 for th in header[0].find_elements(By.TAG_NAME, "th"))
+    assert grouped and len(header[1].find_elements(By.TAG_NAME, "th")) == 8
+    for row in table.find_elements(By.CSS_SELECTOR, "tbody tr"):
+        assert len(row.find_elements(By.TAG_NAME, "td")) == top
+    (last,) = table.find_elements(By.CSS_SELECTOR, "tbody tr.unranked")
+    assert last.text.startswith("– partial-v1") and "incomplete" in last.text
+    badge = last.find_element(By.CSS_SELECTOR, ".incomplete")
+    assert badge.is_displayed() and badge.get_attribute("title") == "not ranked: no result at l2 1"
 
 
 def test_html_in_a_defense_name_is_text_not_code(loaded):
