@@ -157,6 +157,21 @@ def rank_defenses(defenses: list[dict[str, Any]]) -> list[tuple[str, float]]:
     return threats
 
 
+def _coverage_warnings(defenses: list[dict[str, Any]], threats: list[tuple[str, float]]) -> list[str]:
+    """A threat model most defenses have no result at (typically an eps that only a `run --defense X
+    --config` added) makes all of them unranked: say so once, with what to do."""
+    out = []
+    for norm, eps in threats:
+        having = [d["defense"] for d in defenses if {"norm": norm, "eps": eps} not in d["missing_threat_models"]]
+        if 2 * len(having) < len(defenses):
+            out.append(
+                f"only {len(having)} of {len(defenses)} defenses have results at {norm} {eps:g} "
+                f"({', '.join(having[:5])}{', ...' if len(having) > 5 else ''}): the others are listed unranked as "
+                "incomplete. Run them at it with the same matrix, or leave it out of the config."
+            )
+    return out
+
+
 def dataset_report(results: Results) -> dict[str, Any]:
     cells: dict[str, list[Cell]] = {}
     for cell in results.cells:
@@ -179,7 +194,7 @@ def dataset_report(results: Results) -> dict[str, Any]:
         "seeds": results.seeds,
         "num_classes": results.num_classes,
         "threat_models": [{"norm": n, "eps": e} for n, e in threats],
-        "warnings": list(results.warnings),
+        "warnings": [*results.warnings, *_coverage_warnings(defenses, threats)],
         "defenses": defenses,
         "failed_cells": [
             {

@@ -344,6 +344,22 @@ def test_a_defense_missing_a_threat_model_is_unranked_not_first(tmp_path):
     assert rows["partial-v1"]["missing threat models"] == "l2 1" and rows["full-v1"]["rank"] == "1"
 
 
+def test_a_threat_model_only_one_defense_has_is_a_visible_warning(tmp_path):
+    """`run --defense new-v1 --config` that adds an eps: the others are unranked, and told why."""
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense("a-v1", {("pgd-linf-v1", 0.2): 0.5}),
+            FakeDefense("b-v1", {("pgd-linf-v1", 0.2): 0.3}),
+            FakeDefense("new-v1", {("pgd-linf-v1", 0.2): 0.4, ("pgd-linf-v1", 0.4): 0.1}),
+        ],
+    )
+    data = build_report(db)["datasets"][0]
+    assert [d["rank"] for d in data["defenses"]] == [1, None, None]
+    (warning,) = data["warnings"]
+    assert warning.startswith("only 1 of 3 defenses have results at linf 0.4 (new-v1): the others are listed unranked")
+
+
 # ------------------------------------------------------------------------------------- validation
 
 
