@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bench.keys import digest
+
 
 @dataclass(frozen=True)
 class TrainingJob:
@@ -46,6 +48,20 @@ class CellJob:
     (not declared) to have vanishing gradients."""
     surrogate: TrainingJob | None
     timeout: float | None = None
+    members: tuple[str, ...] | None = None
+    """For a cascade: the cell keys of its members at this defense and eps, which it waits for."""
+    member_versions: tuple[tuple[str, str], ...] = ()
+    """For a cascade: (attack id, code version) of every member it runs, as the driver knows them."""
+    prior_robust: bytes | None = None
+    """For a cascade: the packed robust mask shared by its members' own cells of this defense and eps
+    (an example any of them broke is broken here too), so the cascade attacks only the survivors and
+    its robust accuracy is never above a member's. None for every other attack."""
+
+    @property
+    def group_key(self) -> str:
+        """Cells that belong together — a defense's cells at one threat model, where a cascade needs
+        its members' results — share a group; shards split the matrix by group."""
+        return digest({"training": self.training.training_key, "norm": self.norm, "eps": self.eps})
 
     @property
     def label(self) -> str:

@@ -15,6 +15,12 @@ from typing import Any
 
 import torch
 
+RESULTS_VERSION = 2
+"""The harness's own share of every result: how jobs are seeded, how a cell is measured, which
+examples a cascade attacks. Components' code is versioned automatically (a digest of its modules,
+part of its keys); the harness is versioned by hand — bump this when a change to ``bench/`` alters
+results, and every key changes, so nothing stale is reused."""
+
 
 def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

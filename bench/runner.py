@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,13 @@ from bench.data import Dataset
 from bench.errors import RobustMatrixError
 from bench.executor import Executor, JobFailure
 from bench.jobs import CellJob, EvaluationJob, TrainingJob
-from bench.keys import digest
+from bench.keys import RESULTS_VERSION, digest
 from bench.models import architecture_name
 from bench.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
 from bench.progress import Progress
 from bench.registry import ATTACKS, DEFENSES, AttackSpec, DefenseSpec, Registry
 from bench.shard import Shard
-from bench.store import CellRecord, EvaluationRecord, Store, TrainingRecord
+from bench.store import CellRecord, EvaluationRecord, Store, TrainingRecord, decode_mask, encode_mask
 from bench.workbench import failed_cell
 
 SURROGATE_DEFENSE = "standard-v1"
@@ -173,13 +173,16 @@ class Runner:
                 "seed": seed,
                 "architecture": architecture_name(self.spec.dataset),
                 "models": self._models_version,
+                "harness": RESULTS_VERSION,
             }
         )
         return TrainingJob(key, defense.id, kwargs, self.spec.dataset, seed, f"{defense.id}-{key[:16]}.pt")
 
     def evaluation_job(self, training: TrainingJob) -> EvaluationJob:
         return EvaluationJob(
-            digest({"training": training.training_key, "n_eval": self.spec.n_eval}), training, self.spec.n_eval
+            digest({"training": training.training_key, "n_eval": self.spec.n_eval, "harness": RESULTS_VERSION}),
+            training,
+            self.spec.n_eval,
         )
 
     def cell_jobs(
@@ -190,48 +193,76 @@ class Runner:
         observed = json.loads(evaluation["observed"])
         bpda_fallback = defense.bpda_approximation is None and behaves_non_differentiable(observed)
         paired = [a for a in self.attacks if applies(a, nature, observed)]
-        jobs = []
+        jobs: list[CellJob] = []
+        cascades = []
         for attack in paired:
-            kwargs = self.attack_kwargs[attack.id]
-            needs_surrogate = attack.needs_surrogate
             if is_cascade(attack):
-                members = cascade_members(attack, paired)
-                kwargs = {**kwargs, "members": [[m.id, self.attack_kwargs[m.id]] for m in members]}
-                needs_surrogate = any(m.needs_surrogate for m in members)
-            surrogate = surrogates.get(training.seed) if needs_surrogate else None
+                cascades.append(attack)
+                continue
+            kwargs = self.attack_kwargs[attack.id]
+            surrogate = surrogates.get(training.seed) if attack.needs_surrogate else None
             for eps in self.eps_grid(attack):
-                key = digest(
-                    {
-                        "training": training.training_key,
-                        "attack": attack.id,
-                        "version": self.attack_versions[attack.id],
-                        "kwargs": kwargs,
-                        "eps": eps,
-                        "n_eval": self.spec.n_eval,
-                        "bpda_fallback": bpda_fallback,
-                        "surrogate": surrogate.training_key if surrogate else None,
-                    }
-                )
+                jobs.append(self._cell_job(training, evaluation, attack, kwargs, eps, bpda_fallback, surrogate))
+        for cascade in cascades:
+            members = cascade_members(cascade, paired)
+            kwargs = {**self.attack_kwargs[cascade.id], "members": [[m.id, self.attack_kwargs[m.id]] for m in members]}
+            needs_surrogate = any(m.needs_surrogate for m in members)
+            surrogate = surrogates.get(training.seed) if needs_surrogate else None
+            member_ids = {m.id for m in members}
+            for eps in self.eps_grid(cascade):
+                # The members' own cells at this eps: the cascade's key covers their keys (so a change
+                # to any member's code or kwargs re-runs the cascade), and it waits for their results.
+                after = sorted(j.cell_key for j in jobs if j.attack_id in member_ids and j.eps == float(eps))
                 jobs.append(
-                    CellJob(
-                        cell_key=key,
-                        training=training,
-                        attack_id=attack.id,
-                        attack_version=self.attack_versions[attack.id],
-                        attack_kwargs=kwargs,
-                        family=attack.family,
-                        norm=attack.norm,
-                        eps=float(eps),
-                        bounded=attack.bounded,
-                        n_eval=self.spec.n_eval,
-                        batch_size=self.spec.batch_size,
-                        clean_mask=evaluation["clean_mask"],
-                        bpda_fallback=bpda_fallback,
-                        surrogate=surrogate,
-                        timeout=self.spec.cell_timeout,
+                    replace(
+                        self._cell_job(training, evaluation, cascade, kwargs, eps, bpda_fallback, surrogate, after),
+                        member_versions=tuple((m.id, self.attack_versions[m.id]) for m in members),
                     )
                 )
         return jobs
+
+    def _cell_job(
+        self,
+        training: TrainingJob,
+        evaluation: Mapping[str, Any],
+        attack: AttackSpec,
+        kwargs: Mapping[str, Any],
+        eps: float,
+        bpda_fallback: bool,
+        surrogate: TrainingJob | None,
+        after: list[str] | None = None,
+    ) -> CellJob:
+        payload = {
+            "training": training.training_key,
+            "attack": attack.id,
+            "version": self.attack_versions[attack.id],
+            "kwargs": kwargs,
+            "eps": eps,
+            "n_eval": self.spec.n_eval,
+            "bpda_fallback": bpda_fallback,
+            "surrogate": surrogate.training_key if surrogate else None,
+            "harness": RESULTS_VERSION,
+        }
+        if after is not None:
+            payload["members"] = after
+        return CellJob(
+            cell_key=digest(payload),
+            training=training,
+            attack_id=attack.id,
+            attack_version=self.attack_versions[attack.id],
+            attack_kwargs=dict(kwargs),
+            family=attack.family,
+            norm=attack.norm,
+            eps=float(eps),
+            bounded=attack.bounded,
+            n_eval=self.spec.n_eval,
+            batch_size=self.spec.batch_size,
+            clean_mask=evaluation["clean_mask"],
+            bpda_fallback=bpda_fallback,
+            surrogate=surrogate,
+            timeout=self.spec.cell_timeout,
+            members=tuple(after) if after is not None else None,
+        )
 
     # -------------------------------------------------------------------------------- run
     def run(self, store: Store, only_defenses: list[str] | None = None, shard: Shard | None = None) -> RunSummary:
@@ -260,12 +291,15 @@ class Runner:
         self._ready: set[str] = set()
         self._unusable_trainings: dict[str, str] = {}
         self._waiting_for_surrogate: dict[int, list[tuple[TrainingJob, Mapping[str, Any]]]] = {}
+        self._waiting_cascades: dict[str, tuple[CellJob, set[str]]] = {}
         self.progress.start_cells(0)
         needed = list({job.training_key: job for job in [*self._surrogates.values(), *trainings]}.values())
         for job in shard.rotate(needed) if shard else needed:
             self._start_training(job)
         while self.executor.pending():
             self._handle(self.executor.next_finished())
+        if self._waiting_cascades:  # pragma: no cover - every member resolves; a leftover is a bug
+            raise RuntimeError(f"cascades left waiting for their members: {sorted(self._waiting_cascades)}")
         self.progress.close()
         return self._summary
 
@@ -363,7 +397,7 @@ class Runner:
     def _plan_cells(self, training: TrainingJob, evaluation: Mapping[str, Any]) -> None:
         cells = self.cell_jobs(training, evaluation, self._surrogates)
         if self._shard is not None:
-            cells = [c for c in cells if self._shard.owns(c.cell_key)]
+            cells = [c for c in cells if self._shard.owns(c.group_key)]
         self._summary.cell_keys.extend(c.cell_key for c in cells)
         status = self.store.cell_status([c.cell_key for c in cells])
         todo = []
@@ -376,13 +410,34 @@ class Runner:
             else:
                 todo.append(cell)
         self.progress.more_cells(len(todo))
+        todo_keys = {cell.cell_key for cell in todo}
         for cell in todo:
             self._labels[cell.cell_key] = cell.label
             unusable = self._unusable_trainings.get(cell.surrogate.training_key) if cell.surrogate else None
             if unusable is not None:
                 self._cell_finished(failed_cell(cell, f"its surrogate {SURROGATE_DEFENSE} is unusable: {unusable}"))
+            elif cell.members is not None:
+                pending = {k for k in cell.members if k in todo_keys and k not in self._summary.computed_keys}
+                self._waiting_cascades[cell.cell_key] = (cell, pending)
+                self._release_cascades()
             else:
                 self.executor.submit(cell)
+
+    def _release_cascades(self, finished: str | None = None) -> None:
+        """Submit every cascade whose members' cells are all resolved, with their shared robust mask."""
+        for key, (cell, waiting) in list(self._waiting_cascades.items()):
+            waiting.discard(finished)  # type: ignore[arg-type]
+            if not waiting:
+                del self._waiting_cascades[key]
+                self.executor.submit(replace(cell, prior_robust=self._members_robust(cell)))
+
+    def _members_robust(self, cascade: CellJob) -> bytes:
+        """Examples robust under every member's stored cell (failed members contribute nothing)."""
+        robust = decode_mask(cascade.clean_mask, cascade.n_eval)
+        for row in self.store.cells_by_key(cascade.members or ()):
+            if row["status"] == "ok":
+                robust = robust & decode_mask(row["robust_mask"], cascade.n_eval)
+        return encode_mask(robust)
 
     def _cell_finished(self, record: CellRecord) -> None:
         self.store.put_cell(record)
@@ -395,6 +450,8 @@ class Runner:
         else:
             accuracy = float(np.mean(record.robust_mask)) if record.robust_mask is not None else float("nan")
             self.progress.cell_done(label, f"robust accuracy {accuracy:.3f}")
+        if self._waiting_cascades:
+            self._release_cascades(record.cell_key)
 
     # ------------------------------------------------------------------------------ failures
     def _job_failed(self, job: TrainingJob | EvaluationJob, error: str) -> None:

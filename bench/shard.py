@@ -1,8 +1,10 @@
 """``--shard I/N``: a deterministic slice of the matrix's cells, for clusters without Ray (Slurm arrays).
 
-A cell belongs to shard ``int(cell_key) mod N``: the slice depends only on the cell's key — never on
-the order of the matrix or on what ran before — so N jobs started independently cover every cell
-exactly once, and ``robustmatrix merge`` puts their databases back together. Every shard trains and
+A cell belongs to shard ``int(group_key) mod N``, where the group key digests the cell's defense
+training and threat model (norm, eps): a cascade and its members land in the same shard, so the
+cascade sees its members' results. The slice depends only on keys — never on the order of the matrix
+or on what ran before — so N jobs started independently cover every cell exactly once, and
+``robustmatrix merge`` puts their databases back together. Every shard trains and
 evaluates the defenses its cells need; shards that share one checkpoint folder (their databases in
 one directory of a shared filesystem) train each defense once, each shard starting with a different
 defense while the others wait for its checkpoint.
@@ -37,8 +39,8 @@ class Shard:
             raise RobustMatrixError(f"bad shard {text!r}: I must be between 1 and N (got {index}/{count})")
         return cls(index, count)
 
-    def owns(self, cell_key: str) -> bool:
-        return int(cell_key, 16) % self.count == self.index - 1
+    def owns(self, group_key: str) -> bool:
+        return int(group_key, 16) % self.count == self.index - 1
 
     def rotate(self, items: Sequence[T]) -> list[T]:
         """``items`` starting at this shard's position, so concurrent shards begin different trainings."""

@@ -419,16 +419,16 @@ class Store:
 
     def cell_status(self, cell_keys: Sequence[str]) -> dict[str, str]:
         """Status ('ok' / 'failed') of those keys that are present."""
-        found: dict[str, str] = {}
+        return {row["cell_key"]: row["status"] for row in self.cells_by_key(cell_keys)}
+
+    def cells_by_key(self, cell_keys: Sequence[str]) -> list[sqlite3.Row]:
         keys = list(cell_keys)
+        rows: list[sqlite3.Row] = []
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            for row in self.connection.execute(
-                f"SELECT cell_key, status FROM cells WHERE cell_key IN ({marks})", chunk
-            ):
-                found[row["cell_key"]] = row["status"]
-        return found
+            rows += self.connection.execute(f"SELECT * FROM cells WHERE cell_key IN ({marks})", chunk).fetchall()
+        return rows
 
     def cells(self, **where: Any) -> list[sqlite3.Row]:
         clause = " AND ".join(f"{k} = :{k}" for k in where) or "1"

@@ -256,7 +256,8 @@ class Workbench:
         approximation = loaded.approximation
         if approximation is None and job.bpda_fallback:
             approximation = StraightThrough(loaded.model, loaded.defense.preprocess)
-        surrogate = self.load(job.surrogate).deployed if job.surrogate is not None else None
+        # The surrogate's passes are the transfer attack's cost: counted like the defense's.
+        surrogate = CountingModel(self.load(job.surrogate).deployed, counter) if job.surrogate is not None else None
         victim = Victim(
             model=CountingModel(loaded.deployed, counter),
             num_classes=self.data.num_classes,
@@ -313,6 +314,8 @@ class Workbench:
         victim, deployed = self._victim(job, counter)
         x, y = self.eval_set(job.n_eval)
         clean = torch.from_numpy(decode_mask(job.clean_mask, job.n_eval)).to(self.device)
+        if job.prior_robust is not None:  # a cascade attacks only what its members' cells left robust
+            clean &= torch.from_numpy(decode_mask(job.prior_robust, job.n_eval)).to(self.device)
         seed_everything(seed_from(job.cell_key))
         attack = ATTACKS.get(job.attack_id).make(job.training.dataset, job.attack_kwargs, eps=job.eps)
         targets = clean.nonzero().squeeze(1)
@@ -337,7 +340,10 @@ class Workbench:
         x, _ = self.eval_set(job.n_eval)
         robust = torch.zeros(job.n_eval, dtype=torch.bool, device=self.device)
         norms = []
-        batches = -(-int(decode_mask(job.clean_mask, job.n_eval).sum()) // job.batch_size)
+        attacked = decode_mask(job.clean_mask, job.n_eval)
+        if job.prior_robust is not None:
+            attacked = attacked & decode_mask(job.prior_robust, job.n_eval)
+        batches = -(-int(attacked.sum()) // job.batch_size)
         for number, (index, x_adv, still_correct) in enumerate(self.adversarial_batches(job, counter)):
             robust[index] = still_correct
             if job.norm in ("linf", "l2", "l1") and (~still_correct).any():
