@@ -26,8 +26,8 @@ import contextlib
 import importlib
 import os
 import re
+import socket
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,19 +153,21 @@ def cell_task(
 
 
 def _version_mismatch(job: CellJob) -> str | None:
-    """A worker with other code than the driver would store results under the wrong key."""
+    """A worker with other code than the driver would store results under the wrong key: the
+    cell's attack and, for a cascade, every member it runs must match the driver's versions."""
     from bench.registry import ATTACKS
 
-    try:
-        if job.attack_id not in _VERSIONS:
-            _VERSIONS[job.attack_id] = ATTACKS.get(job.attack_id).code_version()
-    except RobustMatrixError as exc:
-        return f"on the Ray worker: {exc}"
-    if _VERSIONS[job.attack_id] != job.attack_version:
-        return (
-            f"the worker's code of {job.attack_id} (version {_VERSIONS[job.attack_id]}) differs from the "
-            f"driver's ({job.attack_version}); install the same code on every worker"
-        )
+    for attack_id, expected in ((job.attack_id, job.attack_version), *job.member_versions):
+        try:
+            if attack_id not in _VERSIONS:
+                _VERSIONS[attack_id] = ATTACKS.get(attack_id).code_version()
+        except RobustMatrixError as exc:
+            return f"on the Ray worker: {exc}"
+        if _VERSIONS[attack_id] != expected:
+            return (
+                f"the worker's code of {attack_id} (version {_VERSIONS[attack_id]}) differs from the "
+                f"driver's ({expected}); install the same code on every worker"
+            )
     return None
 
 
@@ -173,7 +175,6 @@ def _version_mismatch(job: CellJob) -> str | None:
 @dataclass
 class _Pending:
     job: Job
-    submitted: float
     checkpoint: Any = None
     """For a training: the reference to its checkpoint bytes (the task's second return value)."""
 
@@ -200,9 +201,13 @@ class RayExecutor(Executor):
         if not self.ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, **self.init_kwargs}
             if self.address is None:
+                # "local" starts a new instance even where RAY_ADDRESS or `ray start` names a cluster:
+                # joining one is what --address is for.
                 kwargs.setdefault("_node_ip_address", "127.0.0.1")
+            else:
+                require_reachable(self.address)
             try:
-                self.ray.init(address=self.address, **kwargs)
+                self.ray.init(address=self.address or "local", **kwargs)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
                 raise RobustMatrixError(f"cannot start or reach {where}: {failure_reason(exc)}") from None
@@ -223,14 +228,14 @@ class RayExecutor(Executor):
     def submit(self, job: Job) -> None:
         if isinstance(job, TrainingJob):
             record_ref, checkpoint_ref = self._train.remote(self.settings, job)
-            self._pending[record_ref] = _Pending(job, time.monotonic(), checkpoint_ref)
+            self._pending[record_ref] = _Pending(job, checkpoint_ref)
             return
         if isinstance(job, EvaluationJob):
             ref = self._evaluate.remote(self.settings, job, self._checkpoint(job.training))
         else:
             surrogate = self._checkpoint(job.surrogate) if job.surrogate is not None else None
             ref = self._cell.remote(self.settings, job, self._checkpoint(job.training), surrogate)
-        self._pending[ref] = _Pending(job, time.monotonic())
+        self._pending[ref] = _Pending(job)
 
     def _checkpoint(self, training: TrainingJob) -> Any:
         """The object-store reference of a defense's checkpoint (put once from the driver's file
@@ -288,6 +293,19 @@ class RayExecutor(Executor):
         self._checkpoints.clear()
         if self._started_here and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def require_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a cluster address nobody answers at: Ray itself retries for minutes in silence.
+    ``auto`` (the cluster this node belongs to) is left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:([0-9]+)/?", address.strip())
+    if address.strip() == "auto" or match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise RobustMatrixError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def cluster_gpus(ray: Any) -> float:

@@ -8,7 +8,8 @@ Elsewhere (a job run from a helper thread, or a platform without ``SIGALRM``) th
 to :meth:`Budget.check`, which the workbench calls between attack batches.
 
 A single C call (one huge convolution) is not interrupted mid-call: the exception is raised when
-it returns to Python. The Ray executor can additionally cancel a task that never returns.
+it returns to Python. Ray tasks enforce their budget the same way, inside the task; a task stuck in
+a call that never returns (a hung GPU kernel) holds up the run until it is killed by hand.
 """
 
 from __future__ import annotations
