@@ -11,12 +11,15 @@ attacked example. Two snapshots are compared:
 - a defense whose worst case at some threat model left its interval;
 - masking flags that appeared (a regression) or cleared (news);
 - defenses or attacks that were removed (a regression) or added (news);
+- cells the previous run covered that this run no longer does although their defense and attack are
+  still in the matrix (a pairing changed: an adaptive attack that stopped applying hides robustness
+  problems, so this is a regression);
 - attacks whose cells were re-run this time and became slower per example than ``max_slowdown``
-  times before (when they took at least ``MIN_TIMED_SECONDS`` in all);
+  times before (timed over the re-run cells only, when those took at least ``MIN_TIMED_SECONDS``);
 - failures (cells, trainings, evaluations) of this run.
 
-The report is written as ``regressions.md`` and ``regressions.json``, with a plot of every defense's
-worst case over all nightly runs (``nightly_history.png``).
+The report is written as ``regressions.md`` and ``regressions.json``; the leaderboard written beside
+it plots every defense's worst case over all nightly runs (``nightly-history.png``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from bench.runner import RunSummary
 from bench.store import Store, decode_mask
 from leaderboard.metrics import wilson_interval
 
-HISTORY_PLOT = "nightly_history.png"
+HISTORY_PLOT = "nightly-history.png"
+"""Drawn by the leaderboard (``leaderboard.build``), which ``nightly`` writes into the same folder."""
 REPORT_MD = "regressions.md"
 REPORT_JSON = "regressions.json"
 DEFAULT_MAX_SLOWDOWN = 1.5
@@ -138,17 +142,23 @@ def _worst_cases(masks: Mapping[tuple, list[tuple[int, np.ndarray]]]) -> dict[st
 
 
 def _attack_speed(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    totals: dict[str, dict[str, Any]] = defaultdict(lambda: {"wall_time": 0.0, "examples": 0, "computed": False})
-    for cell in cells:
-        if cell["status"] != "ok":
-            continue
-        entry = totals[cell["attack_id"]]
-        entry["wall_time"] += cell["wall_time"]
-        entry["examples"] += cell["attacked"]
-        entry["computed"] = entry["computed"] or cell["computed"]
-    for entry in totals.values():
-        entry["per_example"] = entry["wall_time"] / entry["examples"] if entry["examples"] else None
-    return dict(totals)
+    """Per attack: wall time per attacked example over the cells this run computed (cached cells
+    carry the timing of an earlier run, which would dilute a slowdown); over all its cells when
+    none was computed, as a baseline for the next run."""
+    totals: dict[str, dict[str, Any]] = {}
+    for attack in sorted({c["attack_id"] for c in cells if c["status"] == "ok"}):
+        ok = [c for c in cells if c["attack_id"] == attack and c["status"] == "ok"]
+        computed = [c for c in ok if c["computed"]]
+        timed = computed or ok
+        wall_time = sum(c["wall_time"] for c in timed)
+        examples = sum(c["attacked"] for c in timed)
+        totals[attack] = {
+            "wall_time": wall_time,
+            "examples": examples,
+            "computed": bool(computed),
+            "per_example": wall_time / examples if examples else None,
+        }
+    return totals
 
 
 # ---------------------------------------------------------------------------------- comparison
@@ -166,6 +176,7 @@ def compare(
         "defenses": {"added": [], "removed": []},
         "attacks": {"added": [], "removed": []},
         "attack_speed": [],
+        "dropped_cells": [],
         "failures": current["failures"],
         "history_plot": HISTORY_PLOT,
     }
@@ -180,6 +191,9 @@ def compare(
             before, after = set(previous[kind]), set(current[kind])
             report[kind] = {"added": sorted(after - before), "removed": sorted(before - after)}
         report["attack_speed"] = _speed_changes(previous, current, max_slowdown)
+        report["dropped_cells"] = _dropped_cells(previous, current)
+        if report["dropped_cells"]:
+            reasons.append(f"{len(report['dropped_cells'])} cell(s) no longer covered (a pairing changed)")
         if report["changed_cells"]:
             reasons.append(f"{len(report['changed_cells'])} cell(s) moved outside their 95% confidence interval")
         moved = [w["defense"] for w in report["worst_case"] if w["changed"]]
@@ -232,6 +246,17 @@ def _changed_cells(previous: Mapping[str, Any], current: Mapping[str, Any]) -> l
             }
         )
     return sorted(changed, key=lambda c: (c["defense"], c["attack"], c["threat"], c["seed"]))
+
+
+def _dropped_cells(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Cells of the previous run whose defense and attack are both still covered, but not the cell."""
+    now = {cell_id(c) for c in current["cells"]}
+    defenses, attacks = set(current["defenses"]), set(current["attacks"])
+    return sorted(
+        cell_id(c)
+        for c in previous["cells"]
+        if c["defense_id"] in defenses and c["attack_id"] in attacks and cell_id(c) not in now
+    )
 
 
 def _worst_case_changes(previous: Mapping[str, Any], current: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -352,24 +377,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 f"{'yes' if s['rerun'] else 'no (cached)'} |"
             )
         lines.append("")
+    if report["dropped_cells"]:
+        lines += ["## Cells no longer covered", "", *[f"- {c}" for c in report["dropped_cells"]], ""]
     if report["failures"]:
         lines += ["## Failures", "", *[f"- {what}: {why}" for what, why in report["failures"]], ""]
     lines += ["## Worst case over nightly runs", "", f"![worst case per defense over nightly runs]({HISTORY_PLOT})", ""]
     return "\n".join(lines)
 
 
-def plot_worst_case_history(store: Store, out_path: str | Path) -> Path:
-    """A PNG of every defense's worst case (mean over threat models) across the nightly runs (drawn
-    by the leaderboard, which also embeds it in its page)."""
-    from leaderboard.plots import worst_case_history
-
-    return worst_case_history(store.nightly_snapshots(), Path(out_path))
-
-
 def record_and_report(
     store: Store, run_id: int, summary: RunSummary, out_dir: str | Path, max_slowdown: float = DEFAULT_MAX_SLOWDOWN
 ) -> tuple[dict[str, Any], list[Path]]:
-    """Snapshot this nightly run, compare it with the previous one, write the report files."""
+    """Snapshot this nightly run, compare it with the previous one, write the report files (the
+    history plot comes with the leaderboard, written into the same folder)."""
     snapshot = take_snapshot(store, run_id, summary)
     earlier = [s for r, s in store.nightly_snapshots() if r < run_id]
     store.put_nightly(run_id, snapshot)
@@ -378,5 +398,4 @@ def record_and_report(
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     (out / REPORT_MD).write_text(render_markdown(report))
-    plot = plot_worst_case_history(store, out / HISTORY_PLOT)
-    return report, [out / REPORT_MD, out / REPORT_JSON, plot]
+    return report, [out / REPORT_MD, out / REPORT_JSON]

@@ -56,7 +56,7 @@ def test_two_nightly_runs_with_a_changed_attack_name_the_changed_cells(tmp_path)
         baseline = json.loads((tmp_path / "night1" / "regressions.json").read_text())
         assert baseline["previous"] is None and baseline["regressed"] is False
         assert "this one is the baseline" in (tmp_path / "night1" / "regressions.md").read_text()
-        assert (tmp_path / "night1" / "nightly_history.png").stat().st_size > 1000
+        assert (tmp_path / "night1" / "nightly-history.png").stat().st_size > 1000
         assert (tmp_path / "night1" / "leaderboard.md").exists()
 
         module.write(SCALED_FGSM.replace("STRENGTH = 0.15", "STRENGTH = 1.0"))
@@ -161,5 +161,52 @@ def test_the_nightly_workflow_installs_and_runs_as_the_readme_says():
     nightly = [line.strip() for line in runs[1]["run"].strip().splitlines()]
     assert nightly[0] == ". .venv/bin/activate" and nightly[1:] == [_readme_nightly_command()]
     out = re.search(r"--out (\S+)", _readme_nightly_command()).group(1)
+    db = re.search(r"--db (\S+)", _readme_nightly_command()).group(1)
+    caches = [s for s in steps if s.get("uses", "").startswith("actions/cache/")]
+    assert {s["uses"].split("@")[0] for s in caches} == {"actions/cache/restore", "actions/cache/save"}
+    for cache in caches:  # the database must persist between nights, or every night is a new baseline
+        assert db.startswith(cache["with"]["path"].rstrip("/") + "/"), (cache["with"]["path"], db)
+    index = re.search(r"--index-url ([^\s`]+)", (REPO / "README.md").read_text()).group(1)
+    assert job.get("env", {}).get("PIP_EXTRA_INDEX_URL") in (None, index), "the workflow's torch index is the README's"
     uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")]
     assert uploads and uploads[0]["with"]["path"] == out and uploads[0].get("if") == "always()"
+
+
+def _cell(attack_id: str, eps: float, wall_time: float, computed: bool, robust: float = 0.5) -> dict:
+    return {
+        "cell_key": f"{attack_id}-{eps}",
+        "dataset": "digits",
+        "defense_id": "a-v1",
+        "attack_id": attack_id,
+        "attack_version": "v",
+        "training_key": "t",
+        "norm": "linf",
+        "eps": eps,
+        "seed": 0,
+        "n_eval": 100,
+        "status": "ok",
+        "error": None,
+        "robust_accuracy": robust,
+        "wall_time": wall_time,
+        "attacked": 100,
+        "computed": computed,
+    }
+
+
+def test_a_slowdown_is_timed_on_re_run_cells_only_and_a_dropped_cell_is_a_regression():
+    from bench.nightly import _attack_speed
+
+    # Nine cached cells at the old speed and one re-run cell five times slower: the re-run one decides.
+    cells = [_cell("pgd-linf-v1", 0.1 * i, 1.0, computed=False) for i in range(1, 10)]
+    cells.append(_cell("pgd-linf-v1", 1.0, 5.0, computed=True))
+    speed = _attack_speed(cells)
+    assert speed["pgd-linf-v1"]["per_example"] == pytest.approx(0.05) and speed["pgd-linf-v1"]["computed"]
+    before = _snapshot(attack_speed={"pgd-linf-v1": {"per_example": 0.01, "wall_time": 1.0, "computed": True}})
+    report = compare(before, _snapshot(attack_speed=speed))
+    assert report["attack_speed"][0]["slower"] and report["regressed"]
+
+    previous = _snapshot(cells=[_cell("pgd-linf-v1", 0.1, 1.0, True), _cell("pgd-linf-v1", 0.2, 1.0, True)])
+    current = _snapshot(cells=[_cell("pgd-linf-v1", 0.1, 1.0, False)])
+    dropped = compare(previous, current)
+    assert dropped["dropped_cells"] == ["digits/a-v1/pgd-linf-v1/linf 0.2/seed 0/n 100"]
+    assert dropped["regressed"] and "no longer covered" in " ".join(dropped["reasons"])
