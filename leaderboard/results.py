@@ -9,8 +9,8 @@ Results on different numbers of evaluation examples (``run --defense X --config`
 of a dataset is a section of its own, the newest size first, and every section carries a warning
 naming the defenses that are only in another one.
 
-Plain sqlite3 and lists, no pandas: the leaderboard runs as a command of its own, and importing
-pandas cost more than everything this module does with it.
+Plain sqlite3 and lists: the leaderboard runs as a command of its own, and pandas (which writes the
+CSV) costs more to import than everything this module does with it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -84,13 +83,14 @@ def wide_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_csv(datasets: list[Mapping[str, Any]], path: Path) -> None:
-    """Every section's wide rows in one CSV; a column a row lacks is an empty field."""
+    """Every section's wide rows in one CSV (pandas: quoting, numbers as numbers); a column a row
+    lacks is an empty field. Imported here, not at the top: only this writer needs it."""
+    import pandas as pd
+
     rows = [row for data in datasets for row in wide_rows(data)]
     columns = list(dict.fromkeys(column for row in rows for column in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    frame = pd.DataFrame(rows, columns=columns, dtype=object)  # object: an int column with gaps stays ints
+    frame.to_csv(path, index=False, lineterminator="\n")
 
 
 def _table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
