@@ -83,6 +83,7 @@ def make_executor(
             download=download,
             on_epoch=progress.epoch,
             on_batch=progress.batch,
+            on_attack=progress.attack if progress.interactive else None,
         )
         return LocalExecutor(workbench), str(device)
     from bench.ray_executor import RayExecutor, WorkerSettings
@@ -121,9 +122,9 @@ def run_matrix(
     if options.executor == "local":
         resolve_device(options.device)
     data = load_dataset(spec.dataset, data_dir, download)
-    if only_defenses:
-        DEFENSES.select(only_defenses)
     runner = Runner(spec, data, None, progress, retry_failed)
+    if only_defenses:
+        runner.validate_defenses(DEFENSES.select(only_defenses))  # type: ignore[arg-type]
     executor, device = make_executor(options, spec, db_path, data_dir, download, progress)
     runner.executor = executor
     with executor, Store.open(db_path) as store:

@@ -28,7 +28,7 @@ from bench.keys import RESULTS_VERSION, digest
 from bench.models import architecture_name
 from bench.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
 from bench.progress import Progress
-from bench.registry import ATTACKS, DEFENSES, AttackSpec, DefenseSpec, Registry
+from bench.registry import ATTACKS, DEFENSES, AttackSpec, DefenseSpec, validate_kwarg_tables
 from bench.shard import Shard
 from bench.store import CellRecord, EvaluationRecord, Store, TrainingRecord, decode_mask, encode_mask
 from bench.workbench import failed_cell
@@ -112,12 +112,6 @@ def _overrides(tables: Mapping[str, Mapping[str, Any]], spec: DefenseSpec | Atta
     return merged
 
 
-def _check_kwarg_tables(tables: Mapping[str, Mapping[str, Any]], registry: Registry) -> None:
-    for pattern in tables:
-        if not WILDCARD & set(pattern):
-            registry.get(pattern)
-
-
 class Runner:
     def __init__(
         self,
@@ -136,17 +130,27 @@ class Runner:
         self.retry_failed = retry_failed
         self._models_version = digest(inspect.getsource(bench.models))
         dataset.eval_indices(spec.n_eval)
-        _check_kwarg_tables(spec.defense_kwargs, DEFENSES)
-        _check_kwarg_tables(spec.attack_kwargs, ATTACKS)
         self.defenses: list[DefenseSpec] = DEFENSES.select(list(spec.defenses))  # type: ignore[assignment]
         self.attacks: list[AttackSpec] = ATTACKS.select(list(spec.attacks))  # type: ignore[assignment]
+        validate_kwarg_tables(spec.defense_kwargs, DEFENSES, self.defenses)
+        validate_kwarg_tables(spec.attack_kwargs, ATTACKS, self.attacks)
         self.attack_kwargs = {
             a.id: a.resolve_kwargs(spec.dataset, _overrides(spec.attack_kwargs, a)) for a in self.attacks
         }
         self.attack_versions = {a.id: a.code_version() for a in self.attacks}
         self._check_eps()
-        for defense in self.defenses:
-            self.training_job(defense, spec.seeds[0])
+        for attack in self.attacks:  # every kwarg value is tried now, not inside a job an hour later
+            attack.validate(spec.dataset, self.attack_kwargs[attack.id], self.eps_grid(attack))
+        surrogate = [DEFENSES.get(SURROGATE_DEFENSE)] if any(a.needs_surrogate for a in self.attacks) else []
+        self._validated: set[str] = set()
+        self.validate_defenses([*self.defenses, *surrogate])  # type: ignore[list-item]
+
+    def validate_defenses(self, defenses: list[DefenseSpec]) -> None:
+        """Build each defense with its resolved kwargs (no training): a bad value fails up front."""
+        for defense in defenses:
+            if defense.id not in self._validated:
+                defense.validate(self.spec.dataset, self.training_job(defense, self.spec.seeds[0]).kwargs)
+                self._validated.add(defense.id)
 
     def _check_eps(self) -> None:
         literal = {p for p in self.spec.attacks if not WILDCARD & set(p)}
@@ -280,6 +284,7 @@ class Runner:
         self._shard = shard
         self._record_attacks()
         chosen = DEFENSES.select(only_defenses) if only_defenses else self.defenses
+        self.validate_defenses(chosen)  # type: ignore[arg-type]
         trainings = [self.training_job(d, seed) for seed in self.spec.seeds for d in chosen]
         self._surrogates: dict[int, TrainingJob] = {}
         if any(a.needs_surrogate for a in self.attacks):

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from defenses.base import Defense, StraightThrough, TrainContext, TrainData
 
 EpochCallback = Callable[[str, int, int, float], None]
 BatchCallback = Callable[[int, int], None]
+AttackProgress = Callable[[str, PassCounter, int, "int | None"], AbstractContextManager[None]]
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Workbench:
         download: bool = True,
         on_epoch: EpochCallback | None = None,
         on_batch: BatchCallback | None = None,
+        on_attack: AttackProgress | None = None,
     ) -> None:
         self.dataset_name = dataset
         self.device = device
@@ -94,6 +96,7 @@ class Workbench:
         self.download = download
         self.on_epoch = on_epoch
         self.on_batch = on_batch
+        self.on_attack = on_attack
         self._data: Dataset | None = None
         self._loaded: OrderedDict[str, LoadedDefense] = OrderedDict()
         self._minimal_runs: OrderedDict[str, tuple[torch.Tensor, int, int]] = OrderedDict()
@@ -343,18 +346,29 @@ class Workbench:
         attacked = decode_mask(job.clean_mask, job.n_eval)
         if job.prior_robust is not None:
             attacked = attacked & decode_mask(job.prior_robust, job.n_eval)
-        batches = -(-int(attacked.sum()) // job.batch_size)
-        for number, (index, x_adv, still_correct) in enumerate(self.adversarial_batches(job, counter)):
-            robust[index] = still_correct
-            if job.norm in ("linf", "l2", "l1") and (~still_correct).any():
-                norms.append(perturbation_norm((x_adv - x[index])[~still_correct], job.norm))
-            if self.on_batch is not None:
-                self.on_batch(number + 1, batches)
-            budget.check()
+        examples = int(attacked.sum())
+        batches = -(-examples // job.batch_size)
+        shown = self.on_attack(job.label, counter, examples, _declared_forwards(job)) if self.on_attack else None
+        with shown or nullcontext():
+            for number, (index, x_adv, still_correct) in enumerate(self.adversarial_batches(job, counter)):
+                robust[index] = still_correct
+                if job.norm in ("linf", "l2", "l1") and (~still_correct).any():
+                    norms.append(perturbation_norm((x_adv - x[index])[~still_correct], job.norm))
+                if self.on_batch is not None:
+                    self.on_batch(number + 1, batches)
+                budget.check()
         mean_norm = float(torch.cat(norms).mean()) if norms else None
         if mean_norm is not None and not math.isfinite(mean_norm):
             raise NonFiniteResult(f"mean perturbation is {mean_norm}")
         return robust.cpu().numpy(), mean_norm
+
+
+def _declared_forwards(job: CellJob) -> int | None:
+    """The attack's declared bound on forward passes per example, for the progress bar (None if it
+    declares none, as a plain-callable plugin attack may)."""
+    attack = ATTACKS.get(job.attack_id).make(job.training.dataset, job.attack_kwargs, eps=job.eps)
+    bound = getattr(attack, "max_passes_per_example", lambda: None)()
+    return int(bound[0]) if bound else None
 
 
 def _minimal_key(job: CellJob) -> str:
