@@ -1,7 +1,15 @@
-"""Carlini-Wagner L2 (2017): minimise ||delta||^2 + c * max(z_y - max_{i != y} z_i + kappa, 0) in
-tanh space with Adam, with a binary search over c per example. A logit-space, minimum-norm attack —
-the one that broke defensive distillation. It is unbounded: the workbench runs it once per defense
-and counts an example as broken at eps only if its smallest adversarial perturbation fits in eps."""
+"""Carlini-Wagner L2 (2017): minimise ||delta||^2 + c * max(z_y - max_{i != y} z_i + kappa, 0) with
+Adam, with a binary search over c per example. A logit-space, minimum-norm attack — the one that
+broke defensive distillation. It is unbounded: the workbench runs it once per defense and counts an
+example as broken at eps only if its smallest adversarial perturbation fits in eps.
+
+The box [0, 1] is kept by projection, not by the paper's tanh change of variables: a pixel exactly
+at 0 or 1 (most of a digit) starts at w = atanh(+-(1 - 1e-6)) ~ +-7.25, where tanh is flat, and a
+short Adam run never moves it. Here delta itself is optimised and projected back into the box after
+every step; the learning rate decays (cosine, to a tenth) within each search step so the last
+iterates settle on the boundary; and each search step after the first starts from the smallest
+adversarial example found so far (the previous iterate where none was found) instead of from x, so
+the binary search refines one solution instead of re-finding it."""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ import math
 
 import torch
 
-from attacks.base import Attack, Victim, perturbation_norm
+from attacks.base import Attack, Victim, margin_loss, perturbation_norm
 from bench.registry import register_attack
 
 
@@ -23,7 +31,8 @@ from bench.registry import register_attack
         "mnist": {"steps": 1000, "search_steps": 9, "lr": 0.01},
         "cifar10": {"steps": 1000, "search_steps": 9, "lr": 0.01, "initial_const": 0.01},
     },
-    description="Carlini-Wagner L2: margin loss in tanh space, binary search over the constant (minimum norm)",
+    description="Carlini-Wagner L2: logit margin + squared L2 norm, Adam with box projection, binary search "
+    "over the constant (minimum norm)",
 )
 class CarliniWagnerL2(Attack):
     norm = "l2"
@@ -53,29 +62,40 @@ class CarliniWagnerL2(Attack):
     def max_passes_per_example(self) -> tuple[int, int]:
         return self.steps * self.search_steps, self.steps * self.search_steps
 
+    def budget_overrides(self) -> dict[str, int | None]:
+        # Every search step continues the optimisation from the best point so far: one run of
+        # steps x search_steps Adam steps.
+        return {"steps": self.steps * self.search_steps, "restarts": 1}
+
+    def learning_rate(self, step: int) -> float:
+        """Cosine decay from lr to lr / 10 over one search step."""
+        return self.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / self.steps)))
+
     def minimal(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         model = victim.differentiable(self.bpda)
         n = len(x)
-        w_start = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+        shape = (-1, *([1] * (x.dim() - 1)))
         const = torch.full((n,), self.initial_const, device=x.device, dtype=x.dtype)
         lower = torch.zeros_like(const)
         upper = torch.full_like(const, math.inf)
         best_norm = torch.full_like(const, math.inf)
         best = x.clone()
-        shape = (-1, *([1] * (x.dim() - 1)))
-        for _ in range(self.search_steps):
-            w = w_start.clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([w], lr=self.lr)
+        delta = torch.zeros_like(x)
+        for search in range(self.search_steps):
+            if search > 0:  # warm start: refine the smallest adversarial example found so far
+                delta = torch.where(torch.isfinite(best_norm).view(shape), best - x, delta)
+            delta = delta.detach().requires_grad_(True)
+            optimizer = torch.optim.Adam([delta], lr=self.lr)
             succeeded = torch.zeros(n, dtype=torch.bool, device=x.device)
-            for _ in range(self.steps):
+            for step in range(self.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = self.learning_rate(step)
                 with torch.enable_grad():
-                    candidate = (torch.tanh(w) + 1) / 2
+                    candidate = x + delta
                     logits = model(candidate)
-                    true = logits.gather(1, y[:, None]).squeeze(1)
-                    other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-                    margin = (true - other + self.confidence).clamp_min(0)
-                    distance = (candidate - x).flatten(1).pow(2).sum(dim=1)
-                    loss = (distance + const * margin).sum()
+                    hinge = (self.confidence - margin_loss(logits, y)).clamp_min(0)
+                    distance = delta.flatten(1).pow(2).sum(dim=1)
+                    loss = (distance + const * hinge).sum()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 optimizer.step()
@@ -86,6 +106,7 @@ class CarliniWagnerL2(Attack):
                     best_norm = torch.where(improved, size, best_norm)
                     best = torch.where(improved.view(shape), candidate.detach(), best)
                     succeeded |= wrong
+                    delta.copy_((x + delta).clamp(0, 1) - x)  # back into the box
             upper = torch.where(succeeded, torch.minimum(upper, const), upper)
             lower = torch.where(succeeded, lower, torch.maximum(lower, const))
             const = torch.where(torch.isinf(upper), const * 10, (lower + upper) / 2)
