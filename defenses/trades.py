@@ -4,10 +4,12 @@ the model's predictions on the clean input and on a nearby adversarial input.
 The inner maximization attacks the *KL term*, not the cross-entropy: starting a hair away from the
 clean input (0.001·N(0, I)), it ascends KL(p(x) ‖ p(x')) with projected steps. That is what makes
 TRADES a different defense from PGD-AT, and what ART's ``AdversarialTrainerTRADESPyTorch`` does not
-do — it runs whatever attack it is given (cross-entropy PGD in practice). ART's trainer is also
-unusable as a reference here: it crashes on an ``nn.Sequential`` model (it reads
-``model_outputs_pert[0]``, the first layer's output, as logits) and refuses every torch-2 learning
-rate scheduler (it checks ``isinstance(scheduler, _LRScheduler)``); see tests/test_defenses_art.py.
+do — it runs whatever attack it is given (cross-entropy PGD in practice); its outer loss is the same
+as ours. tests/test_defenses_art.py checks ours against it at the same budget (with a CE-PGD inner
+attack), on a model that is not an ``nn.Sequential`` and without a learning-rate scheduler: ART's
+train-accuracy bookkeeping reads ``model_outputs_pert[0]`` (for an ``nn.Sequential``, the first
+layer's output instead of the logits, which crashes), and a scheduler, if passed, must be a
+pre-torch-2 ``_LRScheduler``.
 """
 
 from __future__ import annotations
