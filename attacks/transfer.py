@@ -19,7 +19,9 @@ class Transfer(Attack):
         self.crafter = PGD(eps, norm=norm, steps=steps, restarts=restarts, early_stop=False)
 
     def max_passes_per_example(self) -> tuple[int, int]:
-        return 0, 0  # the defense is never queried; all work is on the surrogate
+        # The defense is never queried by the attack (only scored, by the workbench); its cost is
+        # the PGD run on the surrogate, whose passes the workbench counts with the cell's.
+        return self.crafter.max_passes_per_example()
 
     def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if victim.surrogate is None:
