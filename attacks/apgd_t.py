@@ -29,6 +29,9 @@ class APGDTargeted(APGD):
         forwards, backwards = super().max_passes_per_example()
         return forwards + 1, backwards
 
+    def budget_overrides(self) -> dict[str, int | None]:
+        return {"restarts": self.runs()}  # one APGD run per target class and restart
+
     def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = victim.model(x)

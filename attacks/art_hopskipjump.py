@@ -55,6 +55,9 @@ class HopSkipJump(Attack):
         )
         return self.initial_trials + searches + estimates + self.steps * searches + 1, 0
 
+    def budget_overrides(self) -> dict[str, int | None]:
+        return {"queries": self.max_passes_per_example()[0]}  # label queries, all included
+
     @torch.no_grad()
     def _starting_points(self, victim: Victim, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first of ``initial_trials`` uniform images that the model labels differently from x."""

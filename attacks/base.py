@@ -8,12 +8,14 @@ An attack is one short class (the torchattacks pattern): settings in ``__init__`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from bench.registry import Budget
 
 BOUND_TOLERANCE = 1e-5
 """Slack for float rounding when checking that an example is inside its eps-ball and [0, 1]."""
@@ -239,6 +241,23 @@ class Attack:
     def max_passes_per_example(self) -> tuple[int, int] | None:
         """Upper bound on (forwards, backwards) per example, or None if the attack does not declare one."""
         return None
+
+    def budget_overrides(self) -> dict[str, int | None]:
+        """Budget fields that the kwargs ``steps``, ``restarts`` and ``queries`` do not tell (noise
+        draws, a spatial grid, APGD-T's runs per target): {} when they tell it all."""
+        return {}
+
+    def declared_budget(self, base: Budget | None = None) -> Budget:
+        """The budget this attack declares, as ``robustmatrix list`` should show it: ``base`` (what
+        the registry reads from the kwargs) corrected by :meth:`budget_overrides`, and — where
+        ``Budget`` has the fields — the per-example pass bound of :meth:`max_passes_per_example`,
+        which counts every pass the attack makes (EOT draws, surrogate passes, cascade members)."""
+        values = {**asdict(base if base is not None else Budget()), **self.budget_overrides()}
+        passes = self.max_passes_per_example()
+        if passes is not None:
+            values.update(forwards=int(passes[0]), backwards=int(passes[1]))
+        known = {field.name for field in fields(Budget)}
+        return Budget(**{name: value for name, value in values.items() if name in known})
 
     def minimal(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Unbounded attacks: the smallest adversarial example found (or x where none was)."""

@@ -53,6 +53,18 @@ class AdaptiveWorstCase(Attack):
             forwards, backwards = forwards + bound[0] + CONFIRMING_DRAWS, backwards + bound[1]
         return forwards, backwards
 
+    def budget_overrides(self) -> dict[str, int | None]:
+        """At most every member's budget, in turn: their steps (x restarts) and queries summed."""
+        steps = queries = 0
+        for member in self.members:
+            declared = getattr(member, "declared_budget", None)
+            if not callable(declared):
+                continue
+            budget = declared(member.spec.budget(member.kwargs) if member.spec is not None else None)
+            steps += (budget.steps or 0) * (budget.restarts or 1)
+            queries += budget.queries or 0
+        return {"steps": steps or None, "restarts": 1 if steps else None, "queries": queries or None}
+
     def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         result = x.clone()
         alive = torch.arange(len(x), device=x.device)

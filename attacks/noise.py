@@ -33,6 +33,9 @@ class RandomNoise(Attack):
     def max_passes_per_example(self) -> tuple[int, int]:
         return self.draws, 0
 
+    def budget_overrides(self) -> dict[str, int | None]:
+        return {"queries": self.draws}
+
     def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         result = x.clone()
         alive = torch.arange(len(x), device=x.device)

@@ -41,6 +41,9 @@ class Spatial(Attack):
     def max_passes_per_example(self) -> tuple[int, int]:
         return len(self.grid), 0
 
+    def budget_overrides(self) -> dict[str, int | None]:
+        return {"queries": len(self.grid)}  # rotations x shifts x shifts
+
     def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         result = x.clone()
         alive = torch.arange(len(x), device=x.device)

@@ -11,8 +11,10 @@ from attacks.base import Victim, perturbation_norm, predict
 from bench.counting import CountingModel, PassCounter
 from bench.keys import seed_everything
 from bench.registry import ATTACKS, DEFENSES
+from tests.shared_models import robust_digits
 
-TEST_EPS = {"linf": 0.2, "l2": 1.5, "l1": 6.0}
+TEST_EPS = {"linf": 0.2, "l2": 1.5, "l1": 6.0, "spatial": 20.0}
+"""Spatial eps is the largest rotation in degrees: 20 makes the grid rotate."""
 N_EXAMPLES = 40
 
 ALL_ATTACKS = ATTACKS.ids()
@@ -24,15 +26,17 @@ def _eps(spec) -> float:
     return TEST_EPS.get(spec.norm, 0.0)
 
 
-def _run(spec, trained, x, y, seed=0):
+def _run(spec, trained, x, y, seed=0, eps=None):
+    """Every pass is counted — the defense's, its BPDA approximation's and the transfer surrogate's
+    (the workbench counts them all into the cell's cost)."""
     counter = PassCounter()
     victim = Victim(
         CountingModel(trained.deployed, counter),
         num_classes=10,
         gradient_model=CountingModel(trained.deployed, counter),
-        surrogate=trained.deployed,
+        surrogate=CountingModel(trained.deployed, counter),
     )
-    attack = spec.make("digits", eps=_eps(spec))
+    attack = spec.make("digits", eps=_eps(spec) if eps is None else eps)
     seed_everything(seed)
     return attack(victim, x, y), counter, attack
 
@@ -44,7 +48,7 @@ def test_adversarial_examples_stay_in_the_threat_model(attack_id, standard_digit
     x_adv, _, _ = _run(spec, standard_digits, x, y)
     assert x_adv.shape == x.shape and torch.isfinite(x_adv).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
-    if spec.norm in TEST_EPS:
+    if spec.norm in ("linf", "l2", "l1"):
         assert perturbation_norm(x_adv - x, spec.norm).max() <= _eps(spec) * (1 + 1e-4) + 1e-5
 
 
@@ -69,16 +73,56 @@ def test_a_fixed_seed_gives_identical_results(attack_id, standard_digits, eval_b
     assert torch.equal(first, second)
 
 
+@pytest.fixture(scope="module")
+def robust_model():
+    return robust_digits()
+
+
+BUDGET_EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0, "spatial": 10.0}
+"""Small enough that most examples of the robust model survive, so attacks run their whole budget
+(early stopping on an undefended model would hide an overrun)."""
+
+
 @pytest.mark.parametrize("attack_id", ALL_ATTACKS)
-def test_declared_budget_is_respected(attack_id, standard_digits, eval_batch):
+def test_declared_budget_is_respected(attack_id, robust_model, eval_batch):
+    """Counted passes never exceed the declared budget, measured where the attack spends it: on an
+    adversarially trained model at a small eps, where most examples are never broken."""
     spec = ATTACKS.get(attack_id)
     x, y = eval_batch[0][:N_EXAMPLES], eval_batch[1][:N_EXAMPLES]
-    _, counter, attack = _run(spec, standard_digits, x, y)
+    x_adv, counter, attack = _run(spec, robust_model, x, y, eps=BUDGET_EPS[spec.norm])
+    declared = attack.declared_budget(spec.budget(attack.kwargs))
+    assert declared.steps or declared.queries, f"{attack_id} declares neither steps nor queries: {declared}"
     bound = attack.max_passes_per_example()
     assert bound is not None, f"{attack_id} must declare max_passes_per_example()"
-    forwards, backwards = bound
-    assert counter.forwards <= forwards * len(x)
-    assert counter.backwards <= backwards * len(x)
+    forwards, backwards = getattr(declared, "forwards", None) or bound[0], getattr(declared, "backwards", None)
+    backwards = bound[1] if backwards is None else backwards
+    assert (forwards, backwards) == tuple(bound), "the declared budget carries the pass bound"
+    survivors = float((predict(robust_model.deployed, x_adv) == y).float().mean())
+    assert survivors >= 0.3, f"too few survivors ({survivors:.2f}) to exercise the whole budget"
+    assert counter.forwards <= forwards * len(x), f"{counter.forwards / len(x):.1f} forwards > {forwards}"
+    assert counter.backwards <= backwards * len(x), f"{counter.backwards / len(x):.1f} backwards > {backwards}"
+    if spec.family in ("score-based", "decision-based", "noise") and declared.queries:
+        assert counter.forwards <= (declared.queries + 1) * len(x), "queries are forward passes"
+
+
+def test_eot_declares_what_it_costs(robust_model, eval_batch):
+    """EOT-PGD takes every step on every example and averages each gradient over its draws: the
+    declared budget must say so (its passes are steps x draws), and it must be what it spends."""
+    spec = ATTACKS.get("eot-pgd-linf-v1")
+    x, y = eval_batch[0][:N_EXAMPLES], eval_batch[1][:N_EXAMPLES]
+    _, counter, attack = _run(spec, robust_model, x, y, eps=0.1)
+    steps, draws = attack.kwargs["steps"], attack.kwargs["eot_samples"]
+    assert attack.max_passes_per_example() == (steps * draws + 1, steps * draws)
+    assert counter.backwards == steps * draws * len(x) and counter.forwards == (steps * draws + 1) * len(x)
+
+
+def test_transfer_declares_its_surrogate_passes(robust_model, eval_batch):
+    spec = ATTACKS.get("transfer-pgd-linf-v1")
+    x, y = eval_batch[0][:N_EXAMPLES], eval_batch[1][:N_EXAMPLES]
+    _, counter, attack = _run(spec, robust_model, x, y, eps=0.1)
+    steps = attack.kwargs["steps"]
+    assert attack.max_passes_per_example() == (steps + 1, steps)
+    assert counter.backwards == steps * len(x), "PGD on the surrogate takes every step (no early stop)"
 
 
 # ------------------------------------------------------------------- what the store says is true

@@ -18,7 +18,7 @@ from attacks.base import Victim
 from bench.counting import CountingModel, PassCounter
 from bench.keys import seed_everything
 from bench.registry import ATTACKS
-from tests.conftest import train_defense
+from tests.shared_models import robust_digits
 
 GRADIENT_ATTACKS = [
     "fgsm-linf-v1",
@@ -47,7 +47,7 @@ RATIO_ROUNDS = 15
 @pytest.fixture(scope="module")
 def robust_setup(digits):
     """A robust model, so attacks run (almost) their whole budget instead of stopping early."""
-    trained = train_defense("pgd-at-linf-v1", digits, epochs=8)
+    trained = robust_digits()
     index = digits.eval_indices(300)
     return trained.deployed, digits.x_test[index], digits.y_test[index]
 
