@@ -11,7 +11,7 @@ from attacks.base import Victim, predict
 from bench.counting import CountingModel, PassCounter
 from bench.keys import seed_everything
 from bench.registry import ATTACKS
-from tests.conftest import train_defense
+from tests.shared_models import robust_digits
 
 TOLERANCE = 0.02
 STEPS = 20
@@ -19,9 +19,9 @@ EPS = 0.2
 
 
 @pytest.fixture(scope="module")
-def robust_model(digits):
+def robust_model():
     """A model where attack strength shows (an undefended one falls to anything)."""
-    return train_defense("pgd-at-linf-v1", digits, epochs=8)
+    return robust_digits()
 
 
 def _ours(attack_id: str, trained, x, y, eps: float, **kwargs) -> tuple[float, PassCounter]:
@@ -66,18 +66,20 @@ def test_our_pgd_is_at_least_as_strong_as_arts(robust_model, eval_batch, norm, e
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("norm, eps, art_norm", [("linf", 0.2, np.inf), ("l2", 1.0, 2)])
 @pytest.mark.parametrize("loss, art_loss", [("ce", "cross_entropy"), ("dlr", "difference_logits_ratio")])
-def test_our_apgd_is_at_least_as_strong_as_arts(robust_model, eval_batch, loss, art_loss):
+def test_our_apgd_is_at_least_as_strong_as_arts(robust_model, eval_batch, norm, eps, art_norm, loss, art_loss):
+    """Same first step (2 eps, APGD's) and iteration count; ART's L2 APGD is its norm=2 variant."""
     from art.attacks.evasion import AutoProjectedGradientDescent
 
     x, y = eval_batch
-    ours, counter = _ours(f"apgd-{loss}-linf-v1", robust_model, x, y, EPS)
+    ours, counter = _ours(f"apgd-{loss}-{norm}-v1", robust_model, x, y, eps)
     theirs = _arts(
         lambda c: AutoProjectedGradientDescent(
             c,
-            norm=np.inf,
-            eps=EPS,
-            eps_step=2 * EPS,
+            norm=art_norm,
+            eps=eps,
+            eps_step=2 * eps,
             max_iter=STEPS,
             nb_random_init=1,
             batch_size=len(x),
