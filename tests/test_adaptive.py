@@ -61,11 +61,35 @@ def test_bpda_breaks_bit_depth_reduction(digits, eval_batch):
     assert bpda <= plain - 0.20
 
 
+def expected_accuracy(trained, x_adv, y, draws: int = 10) -> float:
+    """Accuracy of a randomized defense averaged over draws of its randomness."""
+    return sum(float((predict(trained.deployed, x_adv) == y).float().mean()) for _ in range(draws)) / draws
+
+
 @pytest.mark.slow
 def test_eot_beats_single_sample_pgd_on_a_randomized_defense(digits, eval_batch):
+    """Averaging the gradient over draws is what helps, not taking every step: EOT-PGD against the
+    same PGD (same steps, no early stop) with one draw per step, at Linf 0.1, scored as the expected
+    accuracy over draws and averaged over two seeds. Measured over seeds 0-4: EOT 0.489-0.513 vs
+    0.510-0.536, better by 1.7-2.9 points on every seed. The gain is modest because 20 steps of
+    single-draw PGD already average over 20 draws along the way; with min_scale 0.5 it is 3.5 points.
+    (Early-stopping PGD keeps 0.76 here: most of what EOT-PGD gains over it is taking every step.)"""
     trained = train_defense("random-resize-pad-v1", digits, epochs=10)
     x, y = eval_batch
-    assert robust_accuracy("eot-pgd-linf-v1", trained, x, y) < robust_accuracy("pgd-linf-v1", trained, x, y)
+    spec = ATTACKS.get("eot-pgd-linf-v1")
+    eot = spec.make("digits", eps=0.1)
+    single = spec.make("digits", {"eot_samples": 1}, eps=0.1)
+    assert not single.early_stop and single.steps == eot.steps and eot.eot_samples > 1
+    gaps = []
+    for seed in (0, 1):
+        scores = []
+        for attack in (eot, single):
+            seed_everything(seed)
+            x_adv = attack(Victim(trained.deployed, 10), x, y)
+            seed_everything(100 + seed)
+            scores.append(expected_accuracy(trained, x_adv, y))
+        gaps.append(scores[1] - scores[0])
+    assert sum(gaps) / len(gaps) >= 0.01, f"EOT better by {gaps} (points of accuracy)"
 
 
 # ---------------------------------------------------------------------------------------- pairing
