@@ -94,7 +94,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=["local", "ray"], default="local", help="where jobs run")
     parser.add_argument("--address", help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: local")
-    parser.add_argument("--cpus-per-task", type=int, default=1, help="Ray: CPUs (torch threads) per task")
+    parser.add_argument(
+        "--workers",
+        help="local: worker processes (auto: one per core on a CPU, 1 on a GPU; default: auto, "
+        "or $ROBUSTMATRIX_WORKERS)",
+    )
+    parser.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per job or Ray task")
     parser.add_argument("--gpus-per-task", type=float, default=1.0, help="Ray: GPUs per cell (a fraction shares)")
     parser.add_argument("--gpus-per-training", type=float, default=1.0, help="Ray: GPUs per training task")
 
@@ -106,10 +111,23 @@ def _execution_options(args: argparse.Namespace):  # noqa: ANN202 - ExecutionOpt
         executor=args.executor,
         address=args.address,
         device=args.device,
+        workers=_workers(args.workers, args.executor),
         cpus_per_task=args.cpus_per_task,
         gpus_per_task=args.gpus_per_task,
         gpus_per_training=args.gpus_per_training,
     )
+
+
+def _workers(value: str | None, executor: str) -> int | None:
+    """``auto`` (None: the executor decides) or a positive number of worker processes. Without
+    ``--workers``, $ROBUSTMATRIX_WORKERS is the local executor's default (Ray ignores it)."""
+    if value is None:
+        value = os.environ.get("ROBUSTMATRIX_WORKERS", "auto") if executor == "local" else "auto"
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise RobustMatrixError(f"--workers must be 'auto' or a number of processes >= 1, got {value!r}")
+    return int(value)
 
 
 def _print_failures(failed: list[tuple[str, str]]) -> None:
@@ -190,7 +208,10 @@ def _nature(entry: dict) -> str:
 
 
 def _budget(budget: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None) or "–"
+    words = [f"{k} {budget[k]}" for k in ("steps", "restarts", "queries") if budget.get(k) is not None]
+    if budget.get("forwards") is not None:
+        words.append(f"≤ {budget['forwards']}/{budget.get('backwards') or 0} passes")
+    return ", ".join(words) or "–"
 
 
 def _git_commit() -> str | None:

@@ -150,6 +150,10 @@ class Budget:
     steps: int | None = None
     restarts: int | None = None
     queries: int | None = None
+    forwards: int | None = None
+    """Upper bound on forward passes per example, every pass counted (EOT draws, a surrogate, members)."""
+    backwards: int | None = None
+    """Upper bound on backward passes per example."""
 
 
 def _resolve_kwargs(
@@ -410,14 +414,24 @@ class AttackSpec(_SpecBase):
             object.__setattr__(self, "eps_grid", grid)
 
     def budget(self, kwargs: Mapping[str, Any] | None = None) -> Budget:
-        """Steps, restarts and queries per example, from the kwargs (or the declared defaults)."""
+        """The budget per example as the attack declares it: steps, restarts and queries from the
+        kwargs (or the declared defaults), completed by the built attack's ``declared_budget`` —
+        noise draws and a spatial grid as queries, APGD-T's runs per target, CW's search steps, the
+        per-example pass bound. Building an attack is cheap (nothing is attacked)."""
         kwargs = self.kwargs if kwargs is None else kwargs
         declared = self.budget_defaults
-        return Budget(
+        from_kwargs = Budget(
             steps=kwargs.get("steps", declared.steps),
             restarts=kwargs.get("restarts", declared.restarts),
             queries=kwargs.get("queries", declared.queries),
         )
+        try:
+            attack = self.load()(**kwargs, eps=self.eps_grid[0] if self.eps_grid else 1.0)
+        except Exception:  # noqa: BLE001 - validate() reports kwargs an attack rejects; here they only describe it
+            return from_kwargs
+        attack.spec, attack.kwargs = self, dict(kwargs)
+        complete = getattr(attack, "declared_budget", None)
+        return complete(from_kwargs) if callable(complete) else from_kwargs
 
     def validate(
         self, dataset: str | None, kwargs: Mapping[str, Any] | None = None, eps: float | Iterable[float] = ()

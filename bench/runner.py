@@ -81,18 +81,25 @@ def is_cascade(attack: AttackSpec) -> bool:
     return "members" in attack.kwargs
 
 
-def cascade_members(cascade: AttackSpec, paired: list[AttackSpec]) -> list[AttackSpec]:
+def cascade_members(
+    cascade: AttackSpec, paired: list[AttackSpec], kwargs: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[AttackSpec]:
     """What a cascade runs for a defense: every other attack paired with the defense at the cascade's
     norm — so its worst case is over all of them — in cascade order: the adaptive attacks the defense's
     nature calls for, then white-box, score-based, decision-based, transfer and noise; within a family,
-    the cheapest first (a cheap attack that succeeds spares the expensive ones that example)."""
+    the cheapest first (a cheap attack that succeeds spares the expensive ones that example), costed
+    with the matrix's ``kwargs`` per attack id where given."""
     members = [a for a in paired if a.norm == cascade.norm and not is_cascade(a)]
-    return sorted(members, key=lambda a: (FAMILY_ORDER.get(a.family, 9), _cost(a), a.id))
+    costs = {a.id: _cost(a, (kwargs or {}).get(a.id)) for a in members}
+    return sorted(members, key=lambda a: (FAMILY_ORDER.get(a.family, 9), costs[a.id], a.id))
 
 
-def _cost(attack: AttackSpec) -> int:
-    """Declared budget as a rough cost: gradient steps x restarts, or queries; unknown last."""
-    budget = attack.budget()
+def _cost(attack: AttackSpec, kwargs: Mapping[str, Any] | None = None) -> int:
+    """Declared budget as a rough cost: the bound on passes per example where the attack declares
+    one, else steps x restarts or queries; unknown last."""
+    budget = attack.budget(kwargs)
+    if budget.forwards is not None:
+        return int(budget.forwards) + int(budget.backwards or 0)
     if budget.queries:
         return int(budget.queries) * max(1, int(budget.restarts or 1))
     if budget.steps:
@@ -208,7 +215,7 @@ class Runner:
             for eps in self.eps_grid(attack):
                 jobs.append(self._cell_job(training, evaluation, attack, kwargs, eps, bpda_fallback, surrogate))
         for cascade in cascades:
-            members = cascade_members(cascade, paired)
+            members = cascade_members(cascade, paired, self.attack_kwargs)
             kwargs = {**self.attack_kwargs[cascade.id], "members": [[m.id, self.attack_kwargs[m.id]] for m in members]}
             needs_surrogate = any(m.needs_surrogate for m in members)
             surrogate = surrogates.get(training.seed) if needs_surrogate else None

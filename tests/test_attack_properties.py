@@ -90,12 +90,11 @@ def test_declared_budget_is_respected(attack_id, robust_model, eval_batch):
     spec = ATTACKS.get(attack_id)
     x, y = eval_batch[0][:N_EXAMPLES], eval_batch[1][:N_EXAMPLES]
     x_adv, counter, attack = _run(spec, robust_model, x, y, eps=BUDGET_EPS[spec.norm])
-    declared = attack.declared_budget(spec.budget(attack.kwargs))
+    declared = spec.budget(attack.kwargs)  # what `robustmatrix list` and the database show
     assert declared.steps or declared.queries, f"{attack_id} declares neither steps nor queries: {declared}"
     bound = attack.max_passes_per_example()
     assert bound is not None, f"{attack_id} must declare max_passes_per_example()"
-    forwards, backwards = getattr(declared, "forwards", None) or bound[0], getattr(declared, "backwards", None)
-    backwards = bound[1] if backwards is None else backwards
+    forwards, backwards = declared.forwards, declared.backwards
     assert (forwards, backwards) == tuple(bound), "the declared budget carries the pass bound"
     survivors = float((predict(robust_model.deployed, x_adv) == y).float().mean())
     assert survivors >= 0.3, f"too few survivors ({survivors:.2f}) to exercise the whole budget"
@@ -174,6 +173,12 @@ def test_a_stored_success_is_an_example_the_model_gets_wrong(attack_id, standard
     for index, x_adv, still_correct in workbench.adversarial_batches(job):
         assert torch.equal(still_correct, predict(workbench.load(job.training).deployed, x_adv) == y[index])
         fooled[index.numpy()] = ~still_correct.numpy()
-    assert fooled.any() or attack_id.startswith("noise"), "a real attack on an undefended model fools some"
+    spec = ATTACKS.get(attack_id)
+    rate = fooled[clean_mask].mean()
+    if spec.norm in ("linf", "l2") and spec.family in ("gradient", "score-based", "transfer", "adaptive"):
+        # measured 0.67 (Square L2) to 1.0 on this 4-epoch undefended model at Linf 0.2 / L2 1.0
+        assert rate >= 0.6, f"{attack_id} fools only {rate:.0%} of an undefended model's correct examples"
+    elif spec.family != "noise":
+        assert rate > 0, f"{attack_id} fools none of an undefended model's correct examples"
     assert np.array_equal(record.success_mask, fooled & clean_mask)
     assert not (record.robust_mask & fooled).any()

@@ -34,6 +34,19 @@ def test_list_json_describes_every_component():
         assert {"id", "kind", "description", "source", "kwargs"} <= set(entry)
 
 
+def test_list_shows_the_budget_each_attack_declares():
+    """The budget column is what the attack spends, not only what its kwargs spell: noise draws and a
+    spatial grid are queries, APGD-T runs once per target, EOT's passes count every draw."""
+    by_id = {e["id"]: e["budget"] for e in json.loads(run_cli("list", "--json", "--kind", "attack").stdout)}
+    assert by_id["noise-linf-v1"]["queries"] == 20
+    assert by_id["spatial-v1"]["queries"] == 5 * 3 * 3
+    apgd_t = by_id["apgd-t-linf-v1"]
+    assert apgd_t["restarts"] > 1 and apgd_t["forwards"] > apgd_t["steps"] * apgd_t["restarts"]
+    eot = by_id["eot-pgd-linf-v1"]
+    assert (eot["forwards"], eot["backwards"]) == (eot["steps"] * 6 + 1, eot["steps"] * 6)
+    assert by_id["pgd-linf-v1"]["forwards"] == 21
+
+
 def test_list_table_and_wildcards():
     result = run_cli("list", "pgd*")
     assert result.code == 0
