@@ -7,7 +7,8 @@ raises for a job's own failure: a cell that fails comes back as a failed ``CellR
 or evaluation that fails as a :class:`JobFailure`, so one broken defense costs only its own cells.
 
 ``LocalExecutor`` runs jobs in this process, one at a time, depth first (cells before evaluations
-before trainings), so results appear early. ``bench.ray_executor.RayExecutor`` runs them as Ray tasks.
+before trainings), so results appear early; ``bench.pool_executor.PoolExecutor`` runs them in that
+order in worker processes on this machine; ``bench.ray_executor.RayExecutor`` runs them as Ray tasks.
 """
 
 from __future__ import annotations
@@ -87,10 +88,26 @@ PRIORITY = {CellJob: 0, EvaluationJob: 1, TrainingJob: 2}
 
 
 class LocalExecutor(Executor):
-    def __init__(self, workbench: Workbench) -> None:
+    """Jobs in this process, one at a time. With ``threads``, torch runs on that many threads until
+    :meth:`close` (a worker process's count: results are bit-identical at equal thread counts)."""
+
+    def __init__(self, workbench: Workbench, threads: int | None = None) -> None:
         self.workbench = workbench
         self._queue: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
+        self._threads_before: int | None = None
+        if threads is not None:
+            import torch
+
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        if self._threads_before is not None:
+            import torch
+
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def submit(self, job: Job) -> None:
         heapq.heappush(self._queue, (PRIORITY[type(job)], next(self._order), job))

@@ -13,12 +13,14 @@ from bench.device import resolve_device
 from bench.errors import RobustMatrixError
 from bench.executor import Executor, LocalExecutor
 from bench.keys import versions
+from bench.pool_executor import PoolExecutor, auto_workers
 from bench.progress import Progress
 from bench.registry import ATTACKS, DEFENSES
 from bench.runner import Runner, RunSummary, checkpoint_dir
 from bench.shard import Shard
 from bench.store import Store
 from bench.workbench import Workbench
+from bench.worker import WorkerSettings
 
 EXECUTORS = ("local", "ray")
 
@@ -29,6 +31,8 @@ class ExecutionOptions:
     address: str | None = None
     """A Ray cluster to join (``auto``, ``HOST:6379`` or ``ray://HOST:10001``); None starts a local one."""
     device: str = "auto"
+    workers: int | None = None
+    """Local executor: worker processes (None: one per usable core on a CPU, one on a GPU)."""
     cpus_per_task: int = 1
     gpus_per_task: float = 1.0
     gpus_per_training: float = 1.0
@@ -38,6 +42,10 @@ class ExecutionOptions:
             raise RobustMatrixError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
         if self.address is not None and self.executor != "ray":
             raise RobustMatrixError("--address names a Ray cluster: use it with --executor ray")
+        if self.workers is not None and self.executor != "local":
+            raise RobustMatrixError("--workers is for the local executor: Ray schedules its tasks itself")
+        if self.workers is not None and self.workers < 1:
+            raise RobustMatrixError(f"--workers must be at least 1, got {self.workers}")
         if self.cpus_per_task < 1:
             raise RobustMatrixError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
         for name, value in (("--gpus-per-task", self.gpus_per_task), ("--gpus-per-training", self.gpus_per_training)):
@@ -75,6 +83,18 @@ def make_executor(
     """The executor, and the device its jobs run on (as recorded with the run)."""
     if options.executor == "local":
         device = resolve_device(options.device)
+        workers = options.workers if options.workers is not None else auto_workers(str(device))
+        if workers > 1:
+            settings = WorkerSettings(
+                spec.dataset,
+                str(device),
+                data_dir,
+                download,
+                options.cpus_per_task,
+                component_modules(spec),
+                checkpoint_cache=str(checkpoint_dir(db_path)),
+            )
+            return PoolExecutor(settings, workers), f"{device} ({workers} workers)"
         workbench = Workbench(
             spec.dataset,
             device,
@@ -85,8 +105,8 @@ def make_executor(
             on_batch=progress.batch,
             on_attack=progress.attack if progress.interactive else None,
         )
-        return LocalExecutor(workbench), str(device)
-    from bench.ray_executor import RayExecutor, WorkerSettings
+        return LocalExecutor(workbench, threads=options.cpus_per_task), str(device)
+    from bench.ray_executor import RayExecutor
 
     settings = WorkerSettings(
         spec.dataset, options.device, data_dir, download, options.cpus_per_task, component_modules(spec)

@@ -23,7 +23,6 @@ unless ``--executor ray`` is asked for.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import re
 import socket
@@ -38,6 +37,7 @@ from bench.executor import Executor, Job, JobFailure, Outcome, run_job
 from bench.jobs import CellJob, EvaluationJob, TrainingJob
 from bench.store import TrainingRecord
 from bench.workbench import Workbench, failed_cell, failure_reason
+from bench.worker import WorkerSettings, workbench_for
 
 LOCAL_ONLY_ENV = {
     # A local instance listens on the loopback interface only and reports no usage statistics.
@@ -61,55 +61,8 @@ def import_ray(local: bool) -> Any:
     return ray
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs to build its Workbench; equal settings share one per process."""
-
-    dataset: str
-    device: str
-    """auto, cpu or cuda: resolved against the cluster's GPUs when the executor starts."""
-    data_dir: str | None = None
-    download: bool = True
-    threads: int = 1
-    modules: tuple[str, ...] = ()
-    """Modules that register the matrix's components, imported by a worker when an id is missing
-    (built-ins and installed plugins are loaded anyway)."""
-    checkpoint_cache: str | None = None
-    """Where a worker keeps checkpoint files (default: a folder in the node's temp directory)."""
-
-
 # ----------------------------------------------------------------------------- worker side
-_WORKBENCHES: dict[WorkerSettings, Workbench] = {}
 _VERSIONS: dict[str, str] = {}
-_IMPORTED: set[str] = set()
-
-
-def _load_components(modules: tuple[str, ...]) -> None:
-    """Built-ins and plugins once per process, then any module of this matrix not yet imported
-    (a worker process serves many drivers' runs in turn)."""
-    from bench.registry import load_builtins, load_plugins
-
-    if not _IMPORTED:
-        load_builtins()
-        load_plugins()  # failures were reported by the driver
-        _IMPORTED.add("")
-    for name in modules:
-        if name not in _IMPORTED:
-            importlib.import_module(name)
-            _IMPORTED.add(name)
-
-
-def _workbench(settings: WorkerSettings) -> Workbench:
-    _load_components(settings.modules)
-    bench = _WORKBENCHES.get(settings)
-    if bench is None:
-        import torch
-
-        torch.set_num_threads(settings.threads)
-        cache = Path(settings.checkpoint_cache or Path(tempfile.gettempdir()) / "robustmatrix-ray" / "checkpoints")
-        bench = Workbench(settings.dataset, torch.device(settings.device), cache, settings.data_dir, settings.download)
-        _WORKBENCHES[settings] = bench
-    return bench
 
 
 def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: bytes | None) -> None:
@@ -127,7 +80,7 @@ def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: byt
 
 
 def train_task(settings: WorkerSettings, job: TrainingJob) -> tuple[Outcome | JobFailure, bytes | None]:
-    bench = _workbench(settings)
+    bench = workbench_for(settings)
     outcome = run_job(bench, job)
     if not isinstance(outcome, TrainingRecord):
         return outcome, None
@@ -135,7 +88,7 @@ def train_task(settings: WorkerSettings, job: TrainingJob) -> tuple[Outcome | Jo
 
 
 def evaluate_task(settings: WorkerSettings, job: EvaluationJob, checkpoint: bytes) -> Outcome | JobFailure:
-    bench = _workbench(settings)
+    bench = workbench_for(settings)
     _materialize(bench, job.training, checkpoint)
     return run_job(bench, job)
 
@@ -143,7 +96,7 @@ def evaluate_task(settings: WorkerSettings, job: EvaluationJob, checkpoint: byte
 def cell_task(
     settings: WorkerSettings, job: CellJob, checkpoint: bytes, surrogate_checkpoint: bytes | None
 ) -> Outcome | JobFailure:
-    bench = _workbench(settings)
+    bench = workbench_for(settings)
     _materialize(bench, job.training, checkpoint)
     _materialize(bench, job.surrogate, surrogate_checkpoint)
     mismatch = _version_mismatch(job)

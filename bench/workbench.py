@@ -283,7 +283,7 @@ class Workbench:
         once and shared by the cells of every eps. Seeded independently of eps, so every cell sees the
         same run whichever computes it; each cell reports the run's full cost (it is what the result
         took, and keeps resumed runs identical)."""
-        key = _minimal_key(job)
+        key = minimal_run_key(job)
         if key not in self._minimal_runs:
             run_counter = PassCounter()
             counted = Victim(
@@ -371,7 +371,7 @@ def _declared_forwards(job: CellJob) -> int | None:
     return int(bound[0]) if bound else None
 
 
-def _minimal_key(job: CellJob) -> str:
+def minimal_run_key(job: CellJob) -> str:
     """What a minimum-norm run depends on: everything in the cell's key except eps."""
     return digest(
         {

@@ -24,6 +24,10 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 load_builtins()
 
+# Runs in tests use the in-process executor (fast to start, and it sees components that tests register
+# in this process); tests/test_executor_pool.py runs the worker pool itself.
+os.environ.setdefault("ROBUSTMATRIX_WORKERS", "1")
+
 
 @pytest.fixture(autouse=True)
 def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,7 +48,8 @@ def digits():
 
 @pytest.fixture(scope="session")
 def shared_mnist_dir() -> Path:
-    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").exists():
+    needed = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    if not all((SHARED_MNIST / name).exists() for name in needed):
         pytest.skip(f"the shared MNIST test set is not at {SHARED_MNIST} (it is in CI, not in a user's clone)")
     return SHARED_MNIST
 
@@ -115,6 +120,9 @@ def cli_command(*args: str) -> list[str]:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    # A subprocess is out of reach of the in-process download guard: pip and the data loaders stay offline.
+    env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env["ROBUSTMATRIX_OFFLINE"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(extra)
     return env

@@ -1,0 +1,197 @@
+"""Run jobs in worker processes on this machine, so a CPU's cores work on the matrix in parallel.
+
+Each worker is a spawned process with its own ``Workbench`` and a fixed number of torch threads
+(one by default: the digits-sized models gain almost nothing from a second thread, while a second
+worker nearly halves a run). Checkpoints are files in the driver's checkpoint folder, which every
+worker reads; only the driver writes the database, one outcome at a time, as with every executor.
+
+Jobs go to idle workers in the local executor's order (cells, then evaluations, then trainings).
+The eps cells of one minimum-norm attack on one defense share a single minimal run, cached in the
+worker that made it, so they all go to that worker. A worker that dies (killed, out of memory)
+costs only the job it was running, recorded as failed with the reason; a new worker takes its place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from bench.errors import RobustMatrixError
+from bench.executor import PRIORITY, Executor, Job, JobFailure, Outcome, run_job
+from bench.jobs import CellJob
+from bench.workbench import failed_cell, failure_reason, minimal_run_key
+from bench.worker import WorkerSettings, workbench_for
+
+MAX_AUTO_WORKERS = 8
+"""``--workers auto`` takes one worker per usable core, at most this many: every worker holds its
+own copy of torch, the data and the models it has loaded."""
+
+
+def auto_workers(device: str) -> int:
+    """One worker per usable CPU core (at most MAX_AUTO_WORKERS); one on a GPU, which the worker's
+    batches keep busy."""
+    if device.startswith("cuda"):
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = multiprocessing.cpu_count()
+    return max(1, min(cores, MAX_AUTO_WORKERS))
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker is killed when the driver dies (kill -9 included) instead of finishing its
+    job for nobody. Elsewhere the closed pipe stops it after its current job."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def serve(connection: Connection, settings: WorkerSettings) -> None:
+    """A worker's loop: run each job it is sent and send its outcome back; stop at None or when the
+    driver is gone."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    try:
+        bench, broken = workbench_for(settings), None
+    except Exception as exc:  # noqa: BLE001 - every job this worker is sent fails with the reason
+        bench, broken = None, f"the worker could not start: {failure_reason(exc)}"
+    while True:
+        try:
+            message = connection.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        number, job = message
+        outcome = run_job(bench, job) if bench is not None else _failed(job, broken or "")
+        try:
+            connection.send((number, outcome))
+        except (BrokenPipeError, ConnectionError):
+            return
+
+
+@dataclass
+class _Worker:
+    process: Any
+    connection: Connection
+    running: tuple[int, Job] | None = None
+
+
+def _affinity(job: Job) -> str | None:
+    """Jobs that must run on the same worker: a minimum-norm attack's cells on one defense."""
+    if isinstance(job, CellJob) and not job.bounded:
+        return minimal_run_key(job)
+    return None
+
+
+class PoolExecutor(Executor):
+    """``workers`` processes, each running one job at a time; outcomes come back in completion order."""
+
+    def __init__(self, settings: WorkerSettings, workers: int) -> None:
+        if workers < 1:
+            raise RobustMatrixError(f"--workers must be at least 1, got {workers}")
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has threads
+        self._queue: list[tuple[int, int, Job]] = []
+        self._order = itertools.count()
+        self._pinned: dict[str, int] = {}
+        self._size = workers
+        self._workers: list[_Worker] = []  # started with the first job: a cached run starts none
+
+    def _start(self) -> _Worker:
+        driver_end, worker_end = self._context.Pipe()
+        process = self._context.Process(target=serve, args=(worker_end, self.settings), daemon=True)
+        process.start()
+        worker_end.close()
+        return _Worker(process, driver_end)
+
+    # ------------------------------------------------------------------------- the interface
+    def submit(self, job: Job) -> None:
+        heapq.heappush(self._queue, (PRIORITY[type(job)], next(self._order), job))
+
+    def pending(self) -> int:
+        return len(self._queue) + sum(worker.running is not None for worker in self._workers)
+
+    def next_finished(self) -> Outcome | JobFailure:
+        self._dispatch()
+        busy = {worker.connection: worker for worker in self._workers if worker.running is not None}
+        if not busy:
+            raise RuntimeError("next_finished() with no job submitted")
+        worker = busy[wait(list(busy))[0]]
+        number, job = worker.running  # type: ignore[misc]
+        try:
+            finished, outcome = worker.connection.recv()
+            if finished != number:  # pragma: no cover - one job per worker at a time
+                raise RuntimeError(f"worker answered job {finished} while running {number}")
+        except (EOFError, OSError):
+            outcome = self._lost(worker, job)
+        worker.running = None
+        self._dispatch()
+        return outcome
+
+    def close(self) -> None:
+        for worker in self._workers:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                worker.connection.send(None)
+        for worker in self._workers:
+            worker.process.join(timeout=5 if worker.running is None else 0)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(timeout=5)
+            worker.connection.close()
+        self._workers = []
+        self._queue.clear()
+
+    # --------------------------------------------------------------------------- scheduling
+    def _dispatch(self) -> None:
+        """Give every idle worker the first queued job it may run."""
+        if self._queue and not self._workers:
+            self._workers = [self._start() for _ in range(self._size)]
+        for index, worker in enumerate(self._workers):
+            if worker.running is None and self._queue:
+                job = self._take_for(index)
+                if job is not None:
+                    number = next(self._order)
+                    worker.running = (number, job)
+                    worker.connection.send((number, job))
+
+    def _take_for(self, index: int) -> Job | None:
+        skipped = []
+        chosen = None
+        while self._queue:
+            entry = heapq.heappop(self._queue)
+            group = _affinity(entry[2])
+            owner = self._pinned.setdefault(group, index) if group is not None else index
+            if owner == index:
+                chosen = entry[2]
+                break
+            skipped.append(entry)
+        for entry in skipped:
+            heapq.heappush(self._queue, entry)
+        return chosen
+
+    def _lost(self, worker: _Worker, job: Job) -> Outcome | JobFailure:
+        """The worker died with ``job``: that job fails with the reason, a new worker takes its place."""
+        worker.process.join(timeout=5)
+        code = worker.process.exitcode
+        worker.connection.close()
+        reason = f"worker process died (exit code {code})" if code is not None else "worker process stopped answering"
+        replacement = self._start()
+        worker.process, worker.connection = replacement.process, replacement.connection
+        return _failed(job, reason)
+
+
+def _failed(job: Job, reason: str) -> Outcome | JobFailure:
+    return failed_cell(job, reason) if isinstance(job, CellJob) else JobFailure(job, reason)

@@ -1,0 +1,134 @@
+"""The local worker pool (`run --workers N`): real spawned processes give the database the in-process
+executor gives, the driver alone writes it, and a worker that dies costs only the job it was running."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from bench.jobs import CellJob, TrainingJob
+from bench.pool_executor import PoolExecutor, _affinity, auto_workers
+from tests.components import HEADER, components
+from tests.conftest import TINY_MATRIX, run_cli, write_matrix
+from tests.test_runner import snapshot
+
+MINIMUM_NORM_MATRIX = """
+dataset = "digits"
+defenses = ["standard-v1"]
+attacks = ["fgsm-linf-v1", "deepfool-l2-v1"]
+n_eval = 60
+[eps]
+linf = [0.1, 0.3]
+l2 = [0.5, 1.0, 1.5]
+[defense_kwargs."*"]
+epochs = 2
+"""
+
+
+def test_two_workers_give_the_in_process_database(tmp_path):
+    """Every job is seeded from its own key and runs on one torch thread wherever it runs, so the
+    schedule across processes changes nothing."""
+    config = write_matrix(tmp_path / "matrix.toml", TINY_MATRIX)
+    pooled = run_cli("run", "--config", str(config), "--quiet", "--workers", "2", "--db", str(tmp_path / "p/r.db"))
+    assert pooled.code == 0, pooled.stderr
+    assert "2 defenses trained, 8 cells computed" in pooled.stderr
+    alone = run_cli("run", "--config", str(config), "--quiet", "--workers", "1", "--db", str(tmp_path / "l/r.db"))
+    assert alone.code == 0, alone.stderr
+    assert snapshot(tmp_path / "p" / "r.db") == snapshot(tmp_path / "l" / "r.db")
+    devices = sqlite3.connect(tmp_path / "p" / "r.db").execute("SELECT device FROM runs").fetchall()
+    assert devices == [("cpu (2 workers)",)]
+    again = run_cli("run", "--config", str(config), "--quiet", "--workers", "2", "--db", str(tmp_path / "p/r.db"))
+    assert again.code == 0 and "0 defenses trained, 0 cells computed, 8 already in" in again.stderr
+
+
+def test_minimum_norm_cells_across_workers_give_the_in_process_results(tmp_path):
+    """DeepFool's three eps cells share one minimal run (seeded independently of eps): across workers
+    the database equals the in-process one. (That the run is made once is the scheduler's test below.)"""
+    config = write_matrix(tmp_path / "matrix.toml", MINIMUM_NORM_MATRIX)
+    pooled = run_cli("run", "--config", str(config), "--quiet", "--workers", "2", "--db", str(tmp_path / "p/r.db"))
+    assert pooled.code == 0, pooled.stderr
+    alone = run_cli("run", "--config", str(config), "--quiet", "--workers", "1", "--db", str(tmp_path / "l/r.db"))
+    assert alone.code == 0, alone.stderr
+    assert snapshot(tmp_path / "p" / "r.db") == snapshot(tmp_path / "l" / "r.db")
+    rows = sqlite3.connect(tmp_path / "p" / "r.db").execute(
+        "SELECT eps, forwards, robust_accuracy FROM cells WHERE attack_id = 'deepfool-l2-v1' ORDER BY eps"
+    )
+    (small, _, low), (_, _, middle), (large, _, high) = rows.fetchall()
+    assert small < large and low >= middle >= high, "one minimal run, thresholded at growing eps"
+
+
+def test_cells_of_one_minimal_run_are_pinned_to_one_worker():
+    """The scheduler itself: a minimum-norm cell goes to the worker that took its group first, and
+    an idle worker takes other work meanwhile."""
+    training = TrainingJob("t" * 32, "standard-v1", {}, "digits", 0, "c.pt")
+    cells = [_cell(training, "deepfool-l2-v1", eps, bounded=False) for eps in (0.5, 1.0)]
+    other = _cell(training, "fgsm-linf-v1", 0.1, bounded=True)
+    assert _affinity(cells[0]) == _affinity(cells[1]) is not None and _affinity(other) is None
+    pool = PoolExecutor.__new__(PoolExecutor)  # the scheduling state alone, no processes
+    pool._queue, pool._pinned = [], {}
+    pool._order = iter(range(100))
+    for job in (*cells, other):
+        pool.submit(job)
+    assert pool._take_for(0) is cells[0]
+    assert pool._take_for(1) is other, "worker 1 may not take the second eps of worker 0's minimal run"
+    assert pool._take_for(1) is None
+    assert pool._take_for(0) is cells[1]
+
+
+def _cell(training: TrainingJob, attack_id: str, eps: float, bounded: bool) -> CellJob:
+    return CellJob(
+        f"{attack_id}-{eps}".ljust(32, "0"), training, attack_id, "v", {}, "gradient", "l2", eps, bounded,
+        60, 500, b"\xff", False, None,
+    )  # fmt: skip
+
+
+SUICIDAL = (
+    HEADER
+    + '''
+import os
+import signal
+from pathlib import Path
+
+
+@register_attack("suicidal-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))
+class Suicidal(Attack):
+    """Kills the worker process running it, once (a marker file remembers): a segfault, an OOM kill."""
+
+    def generate(self, victim, x, y):
+        marker = Path(__file__).with_name("suicidal.done")
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+'''
+)
+
+
+def test_a_dying_worker_costs_only_its_job(tmp_path):
+    with components(tmp_path / "mods", SUICIDAL):
+        config = write_matrix(
+            tmp_path / "matrix.toml",
+            TINY_MATRIX.replace('"fgsm-linf-v1", "pgd-linf-v1"', '"fgsm-linf-v1", "suicidal-linf-v1"').replace(
+                '"standard-v1", "pgd-at-linf-v1"', '"standard-v1"'
+            ),
+        )
+        db = tmp_path / "r.db"
+        first = run_cli("run", "--config", str(config), "--quiet", "--workers", "2", "--db", str(db))
+        assert first.code == 1, first.stderr
+        assert "1 failure(s); everything else completed" in first.stderr
+        failed = sqlite3.connect(db).execute("SELECT attack_id, error FROM cells WHERE status = 'failed'").fetchall()
+        assert len(failed) == 1 and failed[0][0] == "suicidal-linf-v1"
+        assert failed[0][1] == "worker process died (exit code -9)"
+        pooled = ("--quiet", "--workers", "2", "--db", str(db))
+        retried = run_cli("run", "--config", str(config), *pooled, "--retry-failed")
+        assert retried.code == 0, retried.stderr
+    ok = sqlite3.connect(db).execute("SELECT count(*) FROM cells WHERE status = 'ok'").fetchone()
+    assert ok == (4,)
+
+
+def test_worker_counts():
+    assert auto_workers("cuda:0") == 1
+    assert 1 <= auto_workers("cpu") <= 8
+    config_free = run_cli("run", "--workers", "0", "--quiet")
+    assert config_free.code == 2 and "--workers must be 'auto' or a number of processes >= 1" in config_free.stderr
+    ray = run_cli("run", "--workers", "2", "--executor", "ray", "--quiet")
+    assert ray.code == 2 and "--workers is for the local executor" in ray.stderr
