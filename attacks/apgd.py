@@ -106,7 +106,7 @@ class APGD(Attack):
         fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
         # State of the examples still running, indexed by `alive` (positions in this batch).
         alive = torch.arange(n, device=x.device)
-        current = random_start(x, self.norm, self.eps)
+        current = random_start(x, self.norm, self.eps, on_sphere=True)  # Croce & Hein start at radius eps
         previous = current.clone()
         eta = torch.full((n,), 2.0 * self.eps, device=x.device, dtype=x.dtype)
         best_loss = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)

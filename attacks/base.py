@@ -169,8 +169,9 @@ def clip_to_threat(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: float) 
     return (x + project(delta, norm, eps)).clamp(0.0, 1.0)
 
 
-def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
-    """A uniformly random point of the ball (Linf: uniform cube; L2/L1: random direction and radius)."""
+def random_start(x: torch.Tensor, norm: str, eps: float, on_sphere: bool = False) -> torch.Tensor:
+    """A random point of the ball (Linf: uniform cube; L2/L1: random direction, radius uniform in
+    [0, eps], or exactly eps with ``on_sphere`` — APGD's start)."""
     if norm == "linf":
         delta = (torch.rand_like(x) * 2 - 1) * eps
     else:
@@ -178,7 +179,8 @@ def random_start(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
         if norm == "l1":
             direction = direction.sign() * torch.empty_like(x).exponential_()
         direction = direction / _per_example(perturbation_norm(direction, norm) + 1e-12, x)
-        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) * eps
+        unit = torch.ones if on_sphere else torch.rand
+        radius = unit(x.shape[0], device=x.device, dtype=x.dtype) * eps
         delta = direction * _per_example(radius, x)
     return clip_to_threat(x, x + delta, norm, eps)
 

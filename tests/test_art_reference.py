@@ -24,19 +24,31 @@ def robust_model():
     return robust_digits()
 
 
+ATTACK_SEEDS = (0, 1, 2)
+"""Both sides are averaged over the same random starts: on 200 examples one start moves robust
+accuracy by a few examples either way, which a 2-point tolerance cannot absorb."""
+
+
 def _ours(attack_id: str, trained, x, y, eps: float, **kwargs) -> tuple[float, PassCounter]:
-    counter = PassCounter()
-    attack = ATTACKS.get(attack_id).make("digits", {"steps": STEPS, **kwargs}, eps=eps)
-    seed_everything(0)
-    x_adv = attack(Victim(CountingModel(trained.deployed, counter), 10), x, y)
-    return float((predict(trained.deployed, x_adv) == y).float().mean()), counter
+    """Mean robust accuracy over ATTACK_SEEDS; the counter holds the passes of the last run."""
+    accuracies = []
+    for seed in ATTACK_SEEDS:
+        counter = PassCounter()
+        attack = ATTACKS.get(attack_id).make("digits", {"steps": STEPS, **kwargs}, eps=eps)
+        seed_everything(seed)
+        x_adv = attack(Victim(CountingModel(trained.deployed, counter), 10), x, y)
+        accuracies.append(float((predict(trained.deployed, x_adv) == y).float().mean()))
+    return float(np.mean(accuracies)), counter
 
 
 def _arts(make_attack, trained, x, y) -> float:
-    seed_everything(0)
-    classifier = art_classifier(trained.deployed, x, 10)
-    x_adv = from_numpy(make_attack(classifier).generate(to_numpy(x), y=y.numpy()), x)
-    return float((predict(trained.deployed, x_adv) == y).float().mean())
+    accuracies = []
+    for seed in ATTACK_SEEDS:
+        seed_everything(seed)  # ART has no seed API: it draws from numpy's global generator
+        classifier = art_classifier(trained.deployed, x, 10)
+        x_adv = from_numpy(make_attack(classifier).generate(to_numpy(x), y=y.numpy()), x)
+        accuracies.append(float((predict(trained.deployed, x_adv) == y).float().mean()))
+    return float(np.mean(accuracies))
 
 
 @pytest.mark.slow
