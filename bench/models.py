@@ -81,13 +81,25 @@ class PreActResNet18(nn.Module):
         return self.linear(out.flatten(1))
 
 
+SMALL_IMAGE_WIDTH = 16
+"""Channels of the small CNN's first layer for images of at most 8x8 pixels (digits). Width 32
+costs 3x the compute there for about 6 points of PGD-AT robust accuracy (0.59 vs 0.53 at Linf 0.2,
+20 epochs); the default matrix attacks every defense with ~40 attacks, so the CPU budget decides."""
+
+
+def small_cnn_width(image_size: int) -> int:
+    return SMALL_IMAGE_WIDTH if image_size <= 8 else 32
+
+
 def build_model(dataset: str, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """The benchmark's architecture for a dataset: PreAct-ResNet-18 on CIFAR-10, else a small CNN."""
     channels, height, _ = image_shape
     if dataset == "cifar10":
         return PreActResNet18(num_classes, channels)
-    return SmallCNN(channels, height, num_classes)
+    return SmallCNN(channels, height, num_classes, width=small_cnn_width(height))
 
 
 def architecture_name(dataset: str) -> str:
-    return "preact-resnet18" if dataset == "cifar10" else "small-cnn"
+    if dataset == "cifar10":
+        return "preact-resnet18"
+    return f"small-cnn-w{SMALL_IMAGE_WIDTH}" if dataset == "digits" else "small-cnn-w32"
