@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import shutil
@@ -92,11 +93,26 @@ def _split_dataset(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float
 
 def load_digits_dataset(data_dir: Path | None = None, download: bool = True) -> Dataset:
     """scikit-learn's bundled 8x8 digits (1,797 images), 75/25 stratified split; no download."""
+    pixels, target = _bundled_digits()
+    x = (pixels / 16.0).reshape(-1, 1, 8, 8)
+    return _split_dataset("digits", x, target, 0.25, 10)
+
+
+def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits file scikit-learn ships, read as ``load_digits`` reads it — without importing
+    scikit-learn, which costs every worker process two seconds (SciPy); ``load_digits`` itself
+    where the file is not where this version of scikit-learn keeps it."""
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = (bunch.data / 16.0).reshape(-1, 1, 8, 8)
-    return _split_dataset("digits", x, bunch.target, 0.25, 10)
+    return bunch.data, bunch.target
 
 
 # ---------------------------------------------------------------------------------------------- IDX
@@ -277,6 +293,10 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+OFFLINE_VARIABLE = "ROBUSTMATRIX_OFFLINE"
+"""Set to 1 to never download, whatever a matrix or command line says (batch jobs, test suites)."""
+
+
 def default_data_dir(name: str) -> Path:
     root = os.environ.get("ROBUSTMATRIX_DATA")
     base = Path(root) if root else Path.home() / ".cache" / "robustmatrix" / "data"
@@ -285,7 +305,9 @@ def default_data_dir(name: str) -> Path:
 
 def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True) -> Dataset:
     """Load a dataset by name; files are looked for in ``data_dir`` (default: $ROBUSTMATRIX_DATA/<name>
-    or ~/.cache/robustmatrix/data/<name>) and downloaded there when missing."""
+    or ~/.cache/robustmatrix/data/<name>) and downloaded there when missing, unless ``download`` is
+    false or $ROBUSTMATRIX_OFFLINE is set."""
     if name not in DATASETS:
         raise RobustMatrixError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
-    return DATASETS[name](Path(data_dir) if data_dir else None, download)
+    offline = os.environ.get(OFFLINE_VARIABLE, "") not in ("", "0")
+    return DATASETS[name](Path(data_dir) if data_dir else None, download and not offline)

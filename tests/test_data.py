@@ -22,6 +22,19 @@ def test_digits_is_scaled_split_and_stratified(digits):
     assert np.abs(train_share - test_share).max() < 0.01
 
 
+def test_digits_are_exactly_scikit_learns(digits):
+    """Read from scikit-learn's bundled file without importing scikit-learn: the same images and
+    labels as ``load_digits``."""
+    from sklearn.datasets import load_digits
+
+    from bench.data import _bundled_digits
+
+    pixels, target = _bundled_digits()
+    reference = load_digits()
+    assert np.array_equal(pixels, reference.data) and np.array_equal(target, reference.target)
+    assert target.dtype == reference.target.dtype
+
+
 def test_digits_split_is_fixed(digits):
     again = load_dataset("digits")
     assert torch.equal(again.x_test, digits.x_test) and torch.equal(again.y_train, digits.y_train)
@@ -87,3 +100,13 @@ def test_unknown_dataset_lists_the_known_ones():
 def test_cifar10_missing_is_a_clear_error(tmp_path):
     with pytest.raises(RobustMatrixError, match="cifar-10-python.tar.gz is missing"):
         load_dataset("cifar10", tmp_path, download=False)
+
+
+def test_offline_variable_never_downloads(tmp_path, monkeypatch):
+    """ROBUSTMATRIX_OFFLINE=1 overrides a download the caller asked for (a batch job, a test run)."""
+    attempts = []
+    monkeypatch.setattr("urllib.request.urlopen", lambda *args, **kwargs: attempts.append(args))
+    monkeypatch.setenv("ROBUSTMATRIX_OFFLINE", "1")
+    with pytest.raises(RobustMatrixError, match="could not be downloaded \\(downloads are disabled\\)"):
+        load_dataset("mnist", tmp_path, download=True)
+    assert attempts == []
