@@ -382,7 +382,8 @@ def _attack_once(
 ) -> tuple[torch.Tensor, PassCounter, tuple[int, int] | None, torch.Tensor, torch.Tensor] | Finding:
     counter = PassCounter()
     counted = CountingModel(model, counter)
-    victim = Victim(counted, data.num_classes, gradient_model=counted, surrogate=model)
+    # The surrogate's passes are counted too: a transfer attack's declared budget includes them.
+    victim = Victim(counted, data.num_classes, gradient_model=counted, surrogate=counted)
     x_before, y_before = x.clone(), y.clone()
     try:
         attack = spec.make(data.name, eps=eps)

@@ -344,8 +344,9 @@ class Store:
         try:
             with self.connection:
                 self.connection.executescript(OPERATIONS_SCHEMA)
-        except sqlite3.OperationalError:
-            pass
+        except sqlite3.OperationalError as exc:
+            if "readonly" not in str(exc).replace(" ", "").lower():
+                raise RobustMatrixError(f"cannot update the database {self.path}: {exc}") from None
 
     def close(self) -> None:
         self.connection.close()

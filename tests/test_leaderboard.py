@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -428,6 +429,41 @@ CORRUPTIONS = {
 }
 
 
+REFUSALS = {
+    "ci_low is a string": "ci_low must be a finite number",
+    "negative n": "n must be an integer >= 0",
+    "fractional n": "n must be an integer, got 99.5",
+    "seen is a number": "seen must be in [0, 1]",
+    "relative above 1": "relative must be in [0, 1]",
+    "worst case is not the mean over threat models": "worst_case (the mean over the dataset's threat models) is 0.05",
+    "unknown flag with a non-string title": "unknown flag 'made-up'",
+    "known flag with the wrong title": "flag zero-gradients must have the title",
+    "strongest attack is a number": "strongest_attack must be a non-empty string",
+    "source is null": "source must be a non-empty string, got None",
+    "missing defense key": "is missing gap",
+    "missing cell key": "is missing ci_high",
+    "missing dataset key": "is missing threat_models",
+    "missing schema": "report is missing schema",
+    "unknown key": "unknown key(s) surprise",
+    "value outside its interval": "outside its confidence interval",
+    "interval is not Wilson's": "is not the 95% Wilson interval",
+    "value is not a proportion of n": "is not a proportion of 100 examples",
+    "NaN": "nan is not a JSON number",
+    "gap is not seen minus unseen worst case": "gap is 0.2 but its definition gives",
+    "ratio is not unseen over seen worst case": "ratio is 0.5 but its definition gives",
+    "seen contradicts trained_against": "seen contradicts its family and trained_against",
+    "unknown family": "family must be one of",
+    "rank out of order": "ranks must be 1..n in order",
+    "ranked without a worst case": "worst_case (the mean over the dataset's threat models) is None",
+    "negative training time": "training.wall_time must be >= 0",
+    "clean n is a bool": "clean.n must be an integer, got True",
+    "numpy integer": "int64 is not a JSON value",
+    "seeds not integers": "seeds[] must be an integer",
+    "threat model missing from the dataset list": "worst_case_by_threat and missing_threat_models must split",
+}
+"""What the validator must say for each corruption: the check meant for it fired, not another one."""
+
+
 @pytest.fixture(scope="module")
 def valid_report(tmp_path_factory):
     db = write_database(
@@ -447,7 +483,7 @@ def test_validation_refuses_each_corruption(valid_report, corruption):
     validate(valid_report)
     report = copy.deepcopy(valid_report)
     CORRUPTIONS[corruption](report)
-    with pytest.raises(ReportError):
+    with pytest.raises(ReportError, match=re.escape(REFUSALS[corruption])):
         validate(report)
 
 

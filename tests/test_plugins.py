@@ -43,6 +43,8 @@ def pip_install(python: Path, package: Path, scratch: Path) -> None:
             "-q",
             "--no-deps",
             "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
             str(package),
         ],
         check=True,

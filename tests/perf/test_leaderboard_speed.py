@@ -91,6 +91,6 @@ def test_leaderboard_of_a_default_sized_matrix_as_a_subprocess(benchmark, defaul
             f"\nrobustmatrix leaderboard as a process: median {wall:.2f} s wall ({verdict} the "
             f"{TARGET_SECONDS:.0f} s target), CPU {min(cpu):.2f}-{max(cpu):.2f} s"
         )
-    assert min(cpu) < TARGET_SECONDS, (
-        f"the leaderboard took {min(cpu):.2f} s of CPU, over the {TARGET_SECONDS} s target"
-    )
+        assert min(cpu) < TARGET_SECONDS, (
+            f"the leaderboard took {min(cpu):.2f} s of CPU, over the {TARGET_SECONDS} s target"
+        )
