@@ -4,7 +4,9 @@ per-sample in ART, so it is slow: small budgets on digits, the paper's on a GPU 
 
 ART draws its starting points from an unseeded ``np.random.RandomState()``, so two runs with the
 same seed differ. We draw them ourselves — batched, from torch's seeded generator — and hand them to
-ART as ``x_adv_init``; an example with no adversarial start is left clean, as ART would leave it."""
+ART as ``x_adv_init``; an example with no adversarial start is left clean, as ART would leave it.
+Where ART still falls back to its own draw (a randomized defense labels our start differently on
+ART's check), ``seeded_random_states`` seeds that generator from numpy's seeded global one."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import math
 
 import torch
 
-from attacks.art_support import art_classifier, from_numpy, to_numpy
+from attacks.art_support import art_classifier, from_numpy, seeded_random_states, to_numpy
 from attacks.base import Attack, Victim
 from bench.registry import register_attack
 
@@ -94,5 +96,6 @@ class HopSkipJump(Attack):
             init_size=self.initial_trials,
             verbose=False,
         )
-        x_min[found] = from_numpy(attack.generate(to_numpy(x), x_adv_init=to_numpy(start)), x)
+        with seeded_random_states():
+            x_min[found] = from_numpy(attack.generate(to_numpy(x), x_adv_init=to_numpy(start)), x)
         return x_min

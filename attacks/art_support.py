@@ -5,6 +5,8 @@ ART's; our own attacks never make them per step."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -43,3 +45,23 @@ def to_numpy(x: torch.Tensor) -> np.ndarray:
 
 def from_numpy(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array, dtype=np.float32)).to(device=like.device, dtype=like.dtype).clamp(0, 1)
+
+
+@contextmanager
+def seeded_random_states() -> Iterator[None]:
+    """Inside the block, ``np.random.RandomState()`` without a seed draws its seed from numpy's global
+    generator (which every job seeds) instead of the operating system. ART's HopSkipJump builds an
+    unseeded RandomState for fallback starting points — used when a start we pass is not adversarial
+    on ART's own prediction, as happens on a randomized defense — which made its results vary
+    between runs with the same seed. Jobs run one at a time per process, so the swap is safe."""
+    original = np.random.RandomState
+
+    class GloballySeeded(original):  # type: ignore[misc, valid-type]
+        def __init__(self, seed: Any = None) -> None:
+            super().__init__(int(np.random.randint(0, 2**31 - 1)) if seed is None else seed)
+
+    np.random.RandomState = GloballySeeded  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        np.random.RandomState = original  # type: ignore[misc]

@@ -11,6 +11,7 @@ from attacks.base import Victim, perturbation_norm, predict
 from bench.counting import CountingModel, PassCounter
 from bench.keys import seed_everything
 from bench.registry import ATTACKS, DEFENSES
+from tests.conftest import Trained
 from tests.shared_models import robust_digits
 
 TEST_EPS = {"linf": 0.2, "l2": 1.5, "l1": 6.0, "spatial": 20.0}
@@ -70,6 +71,29 @@ def test_a_fixed_seed_gives_identical_results(attack_id, standard_digits, eval_b
     x, y = eval_batch[0][:N_EXAMPLES], eval_batch[1][:N_EXAMPLES]
     first, _, _ = _run(spec, standard_digits, x, y, seed=3)
     second, _, _ = _run(spec, standard_digits, x, y, seed=3)
+    assert torch.equal(first, second)
+
+
+class NoisyInput(torch.nn.Module):
+    """A randomized defense in miniature: Gaussian noise on every input, from torch's global RNG."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x + 0.15 * torch.randn_like(x)).clamp(0, 1))
+
+
+@pytest.mark.parametrize("attack_id", ALL_ATTACKS)
+def test_a_fixed_seed_gives_identical_results_on_a_randomized_defense(attack_id, standard_digits, eval_batch):
+    """Where a defense's randomness is seeded, so is the attack: nothing may draw from an unseeded
+    generator (ART's HopSkipJump does, when a start we hand it is not adversarial on its own draw)."""
+    spec = ATTACKS.get(attack_id)
+    x, y = eval_batch[0][:N_EXAMPLES], eval_batch[1][:N_EXAMPLES]
+    noisy = Trained("noisy", standard_digits.model, NoisyInput(standard_digits.deployed))
+    first, _, _ = _run(spec, noisy, x, y, seed=3)
+    second, _, _ = _run(spec, noisy, x, y, seed=3)
     assert torch.equal(first, second)
 
 
