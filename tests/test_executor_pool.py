@@ -132,3 +132,62 @@ def test_worker_counts():
     assert config_free.code == 2 and "--workers must be 'auto' or a number of processes >= 1" in config_free.stderr
     ray = run_cli("run", "--workers", "2", "--executor", "ray", "--quiet")
     assert ray.code == 2 and "--workers is for the local executor" in ray.stderr
+
+
+SLOW_TRAINING = (
+    HEADER
+    + '''
+@register_defense("sleepy-v1", kwargs=KWARGS, dataset_kwargs=DATASET_KWARGS)
+class Sleepy(Defense):
+    """Trains for a minute: long enough that only the driver's death can stop its worker in time."""
+
+    def __init__(self, **kwargs):
+        self.train_kwargs = training_kwargs(kwargs)
+
+    def fit(self, model, data, ctx):
+        time.sleep(60)
+'''
+)
+
+DRIVER = """
+import sys
+sys.path[:0] = [{repo!r}, {modules!r}]
+from bench.jobs import TrainingJob
+from bench.pool_executor import PoolExecutor
+from bench.registry import load_builtins
+from bench.worker import WorkerSettings
+load_builtins()
+import {module}
+pool = PoolExecutor(WorkerSettings("digits", "cpu", modules=({module!r},), checkpoint_cache={cache!r}), 1)
+pool.submit(TrainingJob("5" * 32, "sleepy-v1", {{}}, "digits", 0, "sleepy.pt"))
+print("submitted", flush=True)
+pool.next_finished()
+"""
+
+
+def test_workers_die_with_a_killed_driver(tmp_path):
+    """kill -9 of the driver mid-training: its worker goes too (Linux parent-death signal), instead
+    of finishing a job nobody will record."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from tests.test_runner import _processes_in
+
+    with components(tmp_path / "mods", SLOW_TRAINING) as module:
+        script = DRIVER.format(repo=str(REPO), modules=str(tmp_path / "mods"), module=module.name, cache=str(tmp_path))
+        work = tmp_path / "work"
+        work.mkdir()
+        driver = subprocess.Popen([sys.executable, "-c", script], cwd=work, stdout=subprocess.PIPE, text=True)
+        assert driver.stdout.readline().strip() == "submitted"
+        time.sleep(5)  # the worker imports torch and starts its minute of training
+        assert set(_processes_in(work)) - {driver.pid}, "the worker (and spawn's resource tracker) run"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 5
+        while _processes_in(work) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _processes_in(work) == [], "the worker outlived its driver"

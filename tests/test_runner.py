@@ -4,6 +4,7 @@ identical results with a fixed seed, and a killed run resumed with nothing lost 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sqlite3
@@ -113,6 +114,19 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> bool:
     raise AssertionError("the run never reached the point where the test kills it")
 
 
+def _processes_in(folder: Path) -> list[int]:
+    """Processes whose working directory is ``folder`` (a killed run's leftover workers would be)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == folder:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _cells_in(db: Path) -> int:
     try:
         connection = sqlite3.connect(db, timeout=0.1)
@@ -125,7 +139,10 @@ def _cells_in(db: Path) -> int:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path, workers):
+    """kill -9 of the command — in process, or the driver of a worker pool, whose workers die with
+    it — at four points, then the same command: every cell exactly once, as an uninterrupted run."""
     config = write_matrix(tmp_path / "matrix.toml", RESUME_MATRIX)
     reference = tmp_path / "reference.db"
     command = ["run", "--config", str(config), "--quiet"]
@@ -142,8 +159,14 @@ def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path):
     ]
     killed = 0
     for ready in kill_points:
-        process = subprocess.Popen(cli_command(*command, "--db", str(db)), cwd=tmp_path, env=cli_env())
+        process = subprocess.Popen(
+            cli_command(*command, "--db", str(db)), cwd=tmp_path, env=cli_env(ROBUSTMATRIX_WORKERS=workers)
+        )
         killed += _kill_when(process, ready)
+        deadline = time.monotonic() + 10
+        while _processes_in(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _processes_in(tmp_path) == [], "workers must not outlive a killed driver"
     assert killed == len(kill_points), "a run finished before it could be killed; make the matrix slower"
     resumed = run_cli(*command, "--db", str(db), cwd=tmp_path)
     assert resumed.code == 0, resumed.stderr
