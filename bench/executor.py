@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from bench.jobs import CellJob, EvaluationJob, TrainingJob
 from bench.store import CellRecord, EvaluationRecord, TrainingRecord
-from bench.workbench import Workbench, failure_reason
+from bench.workbench import Workbench, failed_cell, failure_reason
 
 Job = TrainingJob | EvaluationJob | CellJob
 Outcome = TrainingRecord | EvaluationRecord | CellRecord
@@ -52,6 +52,12 @@ def run_job(workbench: Workbench, job: Job) -> Outcome | JobFailure:
         return workbench.train(job) if isinstance(job, TrainingJob) else workbench.evaluate(job)
     except Exception as exc:  # noqa: BLE001 - recorded with its reason; other defenses go on
         return JobFailure(job, failure_reason(exc))
+
+
+def job_failed(job: Job, reason: str) -> Outcome | JobFailure:
+    """The outcome of a job that could not run at all (its worker died, its task was lost): a failed
+    record for a cell, a JobFailure for a training or evaluation."""
+    return failed_cell(job, reason) if isinstance(job, CellJob) else JobFailure(job, reason)
 
 
 class Executor(ABC):

@@ -25,9 +25,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from bench.errors import RobustMatrixError
-from bench.executor import PRIORITY, Executor, Job, JobFailure, Outcome, run_job
+from bench.executor import PRIORITY, Executor, Job, JobFailure, Outcome, job_failed, run_job
 from bench.jobs import CellJob
-from bench.workbench import failed_cell, failure_reason, minimal_run_key
+from bench.workbench import failure_reason, minimal_run_key
 from bench.worker import WorkerSettings, workbench_for
 
 MAX_AUTO_WORKERS = 8
@@ -75,7 +75,7 @@ def serve(connection: Connection, settings: WorkerSettings) -> None:
         if message is None:
             return
         number, job = message
-        outcome = run_job(bench, job) if bench is not None else _failed(job, broken or "")
+        outcome = run_job(bench, job) if bench is not None else job_failed(job, broken or "")
         try:
             connection.send((number, outcome))
         except (BrokenPipeError, ConnectionError):
@@ -190,8 +190,4 @@ class PoolExecutor(Executor):
         reason = f"worker process died (exit code {code})" if code is not None else "worker process stopped answering"
         replacement = self._start()
         worker.process, worker.connection = replacement.process, replacement.connection
-        return _failed(job, reason)
-
-
-def _failed(job: Job, reason: str) -> Outcome | JobFailure:
-    return failed_cell(job, reason) if isinstance(job, CellJob) else JobFailure(job, reason)
+        return job_failed(job, reason)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import RobustMatrixError
-from bench.executor import Executor, Job, JobFailure, Outcome, run_job
+from bench.executor import Executor, Job, JobFailure, Outcome, job_failed, run_job
 from bench.jobs import CellJob, EvaluationJob, TrainingJob
 from bench.store import TrainingRecord
 from bench.workbench import Workbench, failed_cell, failure_reason
@@ -210,7 +210,7 @@ class RayExecutor(Executor):
         try:
             result = self.ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - the worker died or the task was lost: only this job fails
-            return self._lost(entry.job, f"Ray task failed: {failure_reason(exc)}")
+            return job_failed(entry.job, f"Ray task failed: {failure_reason(exc)}")
         if isinstance(entry.job, TrainingJob):
             return self._trained(entry, result)
         return result
@@ -233,10 +233,6 @@ class RayExecutor(Executor):
         os.replace(tmp, path)
         self._checkpoints[entry.job.training_key] = entry.checkpoint
         return outcome
-
-    @staticmethod
-    def _lost(job: Job, reason: str) -> Outcome | JobFailure:
-        return failed_cell(job, reason) if isinstance(job, CellJob) else JobFailure(job, reason)
 
     def close(self) -> None:
         for ref in list(self._pending):
