@@ -4,7 +4,9 @@ competitive ratio of MultiRobustBench.
 
 Worst case is per example — an example counts as robust only if *every* attack at that threat
 model failed on it — then averaged: the mean of the minimum, never the minimum of the means
-(Carlini et al. 2019). With several seeds the examples of all seeds are pooled.
+(Carlini et al. 2019). With several seeds the examples of all seeds are pooled. Threat models of one
+norm are nested: an adversarial example found within a smaller eps lies inside every larger ball,
+so it counts at every larger eps too, and the worst case never rises with eps.
 """
 
 from __future__ import annotations
@@ -86,16 +88,19 @@ def _grouped(records: Iterable[Any], key: Any) -> dict[Any, list[Any]]:
 
 
 def worst_case(records: Sequence[Cell]) -> dict[tuple[str, float], dict[str, Any]]:
-    """Per threat model: the pooled per-example worst case over every attack, and the strongest single
-    attack there (lowest robust accuracy; the cascade is not a single attack; ties go to adaptive
-    attacks, which are what broke a defense that needed them). ``masks`` holds the per-example worst
-    case by seed."""
+    """Per threat model: the pooled per-example worst case over every attack at that eps or a smaller
+    one of the same norm, and the strongest single attack at that eps (lowest robust accuracy; the
+    cascade is not a single attack; ties go to adaptive attacks, which are what broke a defense that
+    needed them). ``masks`` holds the per-example worst case by seed."""
     out = {}
-    for (norm, eps), group in sorted(_grouped(records, lambda r: (str(r.norm), float(r.eps))).items()):
-        masks = {
-            seed: np.logical_and.reduce([r.robust for r in rows])
-            for seed, rows in sorted(_grouped(group, lambda r: int(r.seed)).items())
-        }
+    by_threat = _grouped(records, lambda r: (str(r.norm), float(r.eps)))
+    for (norm, eps), group in sorted(by_threat.items()):
+        within = [r for (n, e), rows in by_threat.items() if n == norm and e <= eps for r in rows]
+        masks = {}
+        for seed, rows in sorted(_grouped(group, lambda r: int(r.seed)).items()):
+            size = len(rows[0].robust)  # the same evaluation examples at every eps of a seed
+            nested = [r.robust for r in within if int(r.seed) == seed and len(r.robust) == size]
+            masks[seed] = np.logical_and.reduce(nested)
         estimate = Estimate.of(list(masks.values()))
         cascades = [bool(r.cascade) for r in group]
         singles = [r for r in group if not r.cascade] if any(cascades) and not all(cascades) else group

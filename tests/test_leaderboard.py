@@ -49,6 +49,23 @@ def test_worst_case_is_per_example_not_the_minimum_of_means(tmp_path):
     assert entry["worst_case"] == 0.0
 
 
+def test_worst_case_nests_threat_models_so_it_never_rises_with_eps(tmp_path):
+    """An example an attack broke at eps 0.1 is broken at 0.3 too, even where the attack at 0.3
+    missed it (a randomized defense's draw, a masked gradient): the ball at 0.3 holds the point."""
+    small = np.ones(100, dtype=bool)
+    small[:40] = False
+    large = np.ones(100, dtype=bool)
+    large[30:60] = False
+    db = write_database(
+        tmp_path / "r.db",
+        [FakeDefense("d-v1", {("pgd-linf-v1", 0.1): small, ("pgd-linf-v1", 0.3): large, ("pgd-l2-v1", 1.0): large})],
+    )
+    by_threat = {(t["norm"], t["eps"]): t["value"] for t in _entry(build_report(db), "d-v1")["worst_case_by_threat"]}
+    assert by_threat[("linf", 0.1)] == pytest.approx(0.60)
+    assert by_threat[("linf", 0.3)] == pytest.approx(0.40), "0-59 broken within 0.3, not 0.70 nor 0.60"
+    assert by_threat[("l2", 1.0)] == pytest.approx(0.70), "another norm's balls do not nest"
+
+
 def test_seen_and_unseen_cells():
     assert is_seen("gradient", "linf", 0.1, LINF_02) and is_seen("adaptive", "linf", 0.2, LINF_02)
     assert not is_seen("gradient", "linf", 0.3, LINF_02), "larger eps than trained"
