@@ -135,18 +135,25 @@ def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def project_l1_ball(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Euclidean projection onto the L1 ball (Duchi et al. 2008), batched, via a sort."""
+    """Euclidean projection onto the L1 ball, batched: soft-thresholding at the theta where the
+    result's L1 norm is eps, found by Michelot's (1986) fixed point — theta is the mean excess over
+    eps of the coordinates still above theta, and the support only shrinks, so it ends in a few
+    iterations at the exact theta. It replaces the sort of Duchi et al. (2008), which on the CPU
+    cost more than a forward pass of the digits CNN per step."""
     flat = _flat(delta)
     magnitude = flat.abs()
-    inside = magnitude.sum(dim=1) <= eps
-    sorted_mag = magnitude.sort(dim=1, descending=True).values
-    cumulative = sorted_mag.cumsum(dim=1)
-    ranks = torch.arange(1, flat.shape[1] + 1, device=delta.device, dtype=delta.dtype)
-    condition = sorted_mag * ranks > (cumulative - eps)
-    rho = condition.to(torch.int64).cumsum(dim=1).argmax(dim=1, keepdim=True)
-    theta = (cumulative.gather(1, rho) - eps) / (rho + 1).to(delta.dtype)
+    total = magnitude.sum(dim=1, keepdim=True)
+    theta = (total - eps) / flat.shape[1]
+    support = magnitude > theta
+    for _ in range(flat.shape[1]):
+        kept = torch.where(support, magnitude, 0.0).sum(dim=1, keepdim=True)
+        theta = (kept - eps) / support.sum(dim=1, keepdim=True).clamp_min(1)
+        shrunk = magnitude > theta
+        if torch.equal(shrunk, support):
+            break
+        support = shrunk
     projected = flat.sign() * (magnitude - theta).clamp_min(0)
-    return torch.where(inside[:, None], flat, projected).view_as(delta)
+    return torch.where(total <= eps, flat, projected).view_as(delta)
 
 
 def project(delta: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -200,7 +207,7 @@ def sparse_l1_step(grad: torch.Tensor, x_adv: torch.Tensor, sparsity: float) -> 
     [0, 1] box, with unit L1 norm per example."""
     flat = grad.flatten(1)
     position = x_adv.flatten(1)
-    blocked = ((position <= 0) & (flat < 0)) | ((position >= 1) & (flat > 0))
+    blocked = torch.where(flat > 0, position >= 1, position <= 0)  # (a zero gradient has no magnitude)
     magnitude = flat.abs().masked_fill(blocked, 0.0)
     k = max(1, int(round((1 - sparsity) * flat.shape[1])))
     threshold = magnitude.topk(k, dim=1).values[:, -1:]

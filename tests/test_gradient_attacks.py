@@ -64,6 +64,33 @@ def test_l1_projection_is_the_euclidean_projection():
         assert ((delta - projected).norm(dim=1) <= (delta - candidate).norm(dim=1) + 1e-5).all()
 
 
+def _sorted_l1_projection(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Duchi et al.'s (2008) projection by sorting, row by row: the textbook reference."""
+    rows = []
+    for row in delta:
+        if row.abs().sum() <= eps:
+            rows.append(row)
+            continue
+        magnitude = row.abs().sort(descending=True).values
+        cumulative = magnitude.cumsum(0)
+        ranks = torch.arange(1, len(row) + 1, dtype=row.dtype)
+        rho = int((magnitude * ranks > cumulative - eps).nonzero().max())
+        theta = (cumulative[rho] - eps) / (rho + 1)
+        rows.append(row.sign() * (row.abs() - theta).clamp_min(0))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.1, 1.0, 10.0])
+def test_l1_projection_matches_the_sorting_algorithm(scale):
+    torch.manual_seed(2)
+    delta = torch.randn(64, 1, 8, 8) * scale
+    delta[::7] = 0.0
+    delta[1::5, :, :4] = 0.0  # sparse rows, like those the sparse L1 steps make
+    for eps in (0.5, 3.0, 12.0):
+        expected = _sorted_l1_projection(delta.flatten(1), eps).view_as(delta)
+        assert torch.allclose(project(delta, "l1", eps), expected, atol=1e-6 * max(1.0, scale)), (scale, eps)
+
+
 # ------------------------------------------------------------------------------- minimum norm
 
 
