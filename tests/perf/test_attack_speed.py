@@ -38,7 +38,7 @@ CEILING_RATIO = {1800: 1.20, 300: 1.50}
 """What fails the benchmark, per batch size. An attack's own per-step work (projection, best-point
 tracking, early-stop bookkeeping, APGD's momentum and step-size schedule) is a few dozen small tensor
 operations of fixed cost each, so its share depends on what a pass costs: on the 16-channel digits
-CNN at the evaluation batch of 300 it measures 2-21% in one thread (median paired ratio), at 1,800
+CNN at the evaluation batch of 300 it measures 4-22% in one thread (median paired ratio), at 1,800
 (the test split four times over, closer to MNIST-sized work) far less. The ceilings catch real
 regressions: a per-example Python loop costs several times the passes at either size."""
 BATCHES = (300, 1800)
