@@ -96,11 +96,11 @@ def worst_case(records: Sequence[Cell]) -> dict[tuple[str, float], dict[str, Any
     by_threat = _grouped(records, lambda r: (str(r.norm), float(r.eps)))
     for (norm, eps), group in sorted(by_threat.items()):
         within = [r for (n, e), rows in by_threat.items() if n == norm and e <= eps for r in rows]
-        masks = {}
-        for seed, rows in sorted(_grouped(group, lambda r: int(r.seed)).items()):
-            size = len(rows[0].robust)  # the same evaluation examples at every eps of a seed
-            nested = [r.robust for r in within if int(r.seed) == seed and len(r.robust) == size]
-            masks[seed] = np.logical_and.reduce(nested)
+        # One section holds one n_eval: a seed's masks cover the same examples at every eps.
+        masks = {
+            seed: np.logical_and.reduce([r.robust for r in within if int(r.seed) == seed])
+            for seed in sorted({int(r.seed) for r in group})
+        }
         estimate = Estimate.of(list(masks.values()))
         cascades = [bool(r.cascade) for r in group]
         singles = [r for r in group if not r.cascade] if any(cascades) and not all(cascades) else group
