@@ -23,12 +23,10 @@ from attacks.base import (
     random_start,
     steepest_ascent,
 )
-from bench.registry import register_attack
+from bench.foundation.registry import register_attack
 
-APGD_DEFAULTS = {"steps": 25, "restarts": 1, "rho": 0.75, "momentum": 0.75, "bpda": False}
 PUBLISHED = {
     "mnist": {"steps": 100},
-    "mnist-t10k": {"steps": 100},
     "fashion-mnist": {"steps": 100},
     "cifar10": {"steps": 100},
 }
@@ -173,7 +171,7 @@ for _norm in ("linf", "l2"):
             f"apgd-{_loss}-{_norm}-v1",
             family="gradient",
             norm=_norm,
-            kwargs={**APGD_DEFAULTS, "norm": _norm, "loss": _loss},
+            variant={"norm": _norm, "loss": _loss},
             dataset_kwargs=PUBLISHED,
             description=f"APGD, {_norm}, {_what}: step-size schedule, momentum, best point (Croce & Hein 2020)",
         )(APGD)

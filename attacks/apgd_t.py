@@ -9,14 +9,24 @@ import torch
 
 from attacks.apgd import APGD, PUBLISHED, Loss
 from attacks.base import Victim, targeted_dlr_loss
-from bench.registry import register_attack
-
-APGD_T_DEFAULTS = {"steps": 25, "restarts": 1, "targets": 2, "rho": 0.75, "momentum": 0.75, "bpda": False}
+from bench.foundation.registry import register_attack
 
 
 class APGDTargeted(APGD):
-    def __init__(self, eps: float, norm: str = "linf", targets: int = 2, **kwargs) -> None:
-        super().__init__(eps, norm=norm, loss="dlr", **kwargs)
+    def __init__(
+        self,
+        eps: float,
+        norm: str = "linf",
+        targets: int = 2,
+        steps: int = 25,
+        restarts: int = 1,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        bpda: bool = False,
+    ) -> None:
+        super().__init__(
+            eps, norm=norm, loss="dlr", steps=steps, restarts=restarts, rho=rho, momentum=momentum, bpda=bpda
+        )
         if targets < 1:
             raise ValueError("targets must be >= 1")
         self.targets = int(targets)
@@ -50,7 +60,7 @@ for _norm in ("linf", "l2"):
         f"apgd-t-{_norm}-v1",
         family="gradient",
         norm=_norm,
-        kwargs={**APGD_T_DEFAULTS, "norm": _norm},
-        dataset_kwargs={**PUBLISHED, "cifar10": {"steps": 100, "targets": 9}, "mnist": {"steps": 100, "targets": 9}},
+        variant={"norm": _norm},
+        dataset_kwargs={name: {**budget, "targets": 9} for name, budget in PUBLISHED.items()},
         description=f"APGD-T, {_norm}: targeted DLR over the top-ranked wrong classes (Croce & Hein 2020)",
     )(APGDTargeted)

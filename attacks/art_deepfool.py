@@ -8,7 +8,7 @@ import torch
 
 from attacks.art_support import art_classifier, from_numpy, to_numpy
 from attacks.base import Attack, Victim
-from bench.registry import register_attack
+from bench.foundation.registry import register_attack
 
 
 @register_attack(
@@ -16,8 +16,7 @@ from bench.registry import register_attack
     family="gradient",
     norm="l2",
     bounded=False,
-    kwargs={"steps": 10, "overshoot": 0.02, "candidates": 10},
-    dataset_kwargs={"mnist": {"steps": 100}, "cifar10": {"steps": 100}},
+    dataset_kwargs={"mnist": {"steps": 100}, "fashion-mnist": {"steps": 100}, "cifar10": {"steps": 100}},
     description="DeepFool (ART): nearest linearised boundary, minimum L2 norm, thresholded at eps",
 )
 class DeepFool(Attack):

@@ -16,7 +16,7 @@ import torch
 
 from attacks.art_support import art_classifier, from_numpy, seeded_random_states, to_numpy
 from attacks.base import Attack, Victim
-from bench.registry import register_attack
+from bench.foundation.registry import register_attack
 
 
 @register_attack(
@@ -24,11 +24,10 @@ from bench.registry import register_attack
     family="decision-based",
     norm="l2",
     bounded=False,
-    kwargs={"steps": 2, "queries_per_step": 30, "initial_queries": 10, "initial_trials": 20},
-    dataset_kwargs={
-        "mnist": {"steps": 40, "queries_per_step": 1000, "initial_queries": 100, "initial_trials": 100},
-        "cifar10": {"steps": 40, "queries_per_step": 1000, "initial_queries": 100, "initial_trials": 100},
-    },
+    dataset_kwargs=dict.fromkeys(
+        ("mnist", "fashion-mnist", "cifar10"),
+        {"steps": 40, "queries_per_step": 1000, "initial_queries": 100, "initial_trials": 100},
+    ),
     description="HopSkipJump (ART): decision-based boundary walk, minimum L2 norm, thresholded at eps",
 )
 class HopSkipJump(Attack):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.registry import Budget
+from bench.foundation.specs import Budget
 
 BOUND_TOLERANCE = 1e-5
 """Slack for float rounding when checking that an example is inside its eps-ball and [0, 1]."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from attacks.base import Attack, Victim, predict
-from bench.registry import ATTACKS, register_attack
+from bench.foundation.registry import ATTACKS, register_attack
 
 DEFAULT_MEMBERS = {
     **{
@@ -88,6 +88,6 @@ for _norm in ("linf", "l2", "l1"):
         f"adaptive-worst-case-{_norm}-v1",
         family="adaptive",
         norm=_norm,
-        kwargs={"norm": _norm, "members": DEFAULT_MEMBERS[_norm]},
+        variant={"norm": _norm, "members": DEFAULT_MEMBERS[_norm]},
         description=f"Adaptive worst case, {_norm}: cascade of the attacks paired with the defense, survivors only",
     )(AdaptiveWorstCase)

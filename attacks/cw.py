@@ -18,7 +18,7 @@ import math
 import torch
 
 from attacks.base import Attack, Victim, margin_loss, perturbation_norm
-from bench.registry import register_attack
+from bench.foundation.registry import register_attack
 
 
 @register_attack(
@@ -26,9 +26,9 @@ from bench.registry import register_attack
     family="gradient",
     norm="l2",
     bounded=False,
-    kwargs={"steps": 30, "search_steps": 4, "initial_const": 1.0, "lr": 0.05, "confidence": 0.0, "bpda": False},
     dataset_kwargs={
         "mnist": {"steps": 1000, "search_steps": 9, "lr": 0.01},
+        "fashion-mnist": {"steps": 1000, "search_steps": 9, "lr": 0.01},
         "cifar10": {"steps": 1000, "search_steps": 9, "lr": 0.01, "initial_const": 0.01},
     },
     description="Carlini-Wagner L2: logit margin + squared L2 norm, Adam with box projection, binary search "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from attacks.base import Attack, Victim, clip_to_threat, input_gradient, loss_function
-from bench.registry import Budget, register_attack
+from bench.foundation.registry import register_attack
+from bench.foundation.specs import Budget
 
 
 @register_attack(
@@ -14,7 +15,7 @@ from bench.registry import Budget, register_attack
     family="gradient",
     norm="linf",
     budget_defaults=Budget(steps=1, restarts=1),
-    kwargs={"loss": "ce", "eot_samples": 1, "bpda": False},
+    dataset_kwargs=dict.fromkeys(("mnist", "fashion-mnist", "cifar10"), {}),  # one step is one step everywhere
     description="Fast gradient sign method: one step of size eps (cross-entropy)",
 )
 class FGSM(Attack):

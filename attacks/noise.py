@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from attacks.base import Attack, Victim, clip_to_threat, perturbation_norm
-from bench.registry import register_attack
+from bench.foundation.registry import register_attack
 
 
 def uniform_in_ball(x: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
@@ -55,6 +55,7 @@ for _norm in ("linf", "l2"):
         f"noise-{_norm}-v1",
         family="noise",
         norm=_norm,
-        kwargs={"norm": _norm, "draws": 20},
+        variant={"norm": _norm},
+        dataset_kwargs=dict.fromkeys(("mnist", "fashion-mnist", "cifar10"), {}),  # draws do not scale with the image
         description=f"Random noise, {_norm}: 20 uniform draws inside the eps-ball; broken if any draw misclassifies",
     )(RandomNoise)

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Attack, Victim
-from bench.registry import register_attack
+from bench.foundation.registry import register_attack
 
 
 def transform(x: torch.Tensor, degrees: float, shift_x: float, shift_y: float) -> torch.Tensor:
@@ -62,7 +62,10 @@ register_attack(
     "spatial-v1",
     family="decision-based",
     norm="spatial",
-    kwargs={"rotations": 5, "shifts": 3, "max_shift": 0.03},
-    dataset_kwargs={"mnist": {"max_shift": 0.1}, "cifar10": {"rotations": 31, "shifts": 5, "max_shift": 0.1}},
+    dataset_kwargs={
+        "mnist": {"max_shift": 0.1},
+        "fashion-mnist": {"max_shift": 0.1},
+        "cifar10": {"rotations": 31, "shifts": 5, "max_shift": 0.1},
+    },
     description="Spatial: worst case over rotations up to eps degrees and small shifts (grid search)",
 )(Spatial)

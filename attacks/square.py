@@ -21,7 +21,8 @@ import math
 import torch
 
 from attacks.base import Attack, Victim, clip_to_threat, margin_loss
-from bench.registry import Budget, register_attack
+from bench.foundation.registry import register_attack
+from bench.foundation.specs import Budget
 
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 """Iterations (out of 10,000) at which the window fraction p halves, as in the paper."""
@@ -226,9 +227,10 @@ class Square(Attack):
         return result
 
 
-DIGITS_BUDGET = {"linf": {"queries": 250, "p_init": 0.5}, "l2": {"queries": 300, "p_init": 0.3}}
-"""Enough on 8x8 digits for Linf Square to match PGD on an undefended model, and for L2 Square to
-come close, at about 10 s per cell of 250 examples on a PGD-trained model (one CPU thread)."""
+VARIANTS = {"linf": {}, "l2": {"norm": "l2", "queries": 300, "p_init": 0.3}}
+"""The constructor's defaults are the Linf budget for 8x8 digits: enough for Linf Square to match
+PGD on an undefended model at about 10 s per cell of 250 examples on a PGD-trained model (one CPU
+thread); L2 Square needs a few more queries and smaller first windows to come close."""
 
 for _norm in ("linf", "l2"):
     register_attack(
@@ -236,7 +238,7 @@ for _norm in ("linf", "l2"):
         family="score-based",
         norm=_norm,
         budget_defaults=Budget(restarts=1),
-        kwargs={"norm": _norm, **DIGITS_BUDGET[_norm]},
-        dataset_kwargs={"mnist": {"queries": 5000, "p_init": 0.8}, "cifar10": {"queries": 5000, "p_init": 0.8}},
+        variant=VARIANTS[_norm],
+        dataset_kwargs=dict.fromkeys(("mnist", "fashion-mnist", "cifar10"), {"queries": 5000, "p_init": 0.8}),
         description=f"Square attack, {_norm}: score-based random search, square windows (Andriushchenko et al. 2020)",
     )(Square)

@@ -9,7 +9,7 @@ import torch
 
 from attacks.base import Attack, Victim
 from attacks.pgd import PGD
-from bench.registry import register_attack
+from bench.foundation.registry import register_attack
 
 
 class Transfer(Attack):
@@ -35,7 +35,7 @@ for _norm in ("linf", "l2"):
         family="transfer",
         norm=_norm,
         needs_surrogate=True,
-        kwargs={"norm": _norm, "steps": 20, "restarts": 1},
-        dataset_kwargs={"mnist": {"steps": 100}, "cifar10": {"steps": 20}},
+        variant={"norm": _norm},
+        dataset_kwargs={"mnist": {"steps": 100}, "fashion-mnist": {"steps": 100}, "cifar10": {"steps": 20}},
         description=f"Transfer, {_norm}: PGD on the undefended standard-v1 model, replayed on the defense",
     )(Transfer)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.registry import register_defense
+from bench.foundation.registry import register_defense
 from defenses.input_transform import InputTransformDefense, through_numpy
 from defenses.training import is_count, require, with_training_defaults
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.counting import PassCounter
+from bench.foundation.counting import PassCounter
 
 
 @dataclass(frozen=True)

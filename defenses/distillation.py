@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.counting import CountingModel
-from bench.registry import register_defense
+from bench.foundation.counting import CountingModel
+from bench.foundation.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import is_count, is_number, require, train, training_kwargs, with_training_defaults
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacks.base import ce_loss, clip_to_threat, input_gradient, random_start, steepest_ascent
-from bench.registry import register_defense
+from bench.foundation.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import (
     TRAINING_NORMS,

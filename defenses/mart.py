@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from attacks.base import Victim
 from attacks.pgd import PGD
-from bench.registry import register_defense
+from bench.foundation.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import (
     NormKwargThreat,

@@ -18,7 +18,8 @@ from torch.nn import functional as F
 
 from attacks.base import Victim
 from attacks.pgd import PGD
-from bench.registry import TrainingThreat, register_defense
+from bench.foundation.registry import register_defense
+from bench.foundation.specs import TrainingThreat
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import check_pgd_kwargs, evaluating, require, train, training_kwargs, with_training_defaults
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from bench.registry import register_defense
+from bench.foundation.registry import register_defense
 from defenses.input_transform import InputTransformDefense
 from defenses.training import is_number, require, with_training_defaults
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
-from bench.registry import register_defense
+from bench.foundation.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import train, training_kwargs, with_training_defaults
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from attacks.base import clip_to_threat, input_gradient, steepest_ascent
-from bench.registry import register_defense
+from bench.foundation.registry import register_defense
 from defenses.base import Defense, TrainContext, TrainData
 from defenses.training import (
     NormKwargThreat,

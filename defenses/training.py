@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.counting import CountingModel
-from bench.errors import RobustMatrixError
-from bench.registry import TrainedAgainst, TrainingThreat
+from bench.foundation.counting import CountingModel
+from bench.foundation.errors import RobustMatrixError
+from bench.foundation.specs import TrainedAgainst, TrainingThreat
 from defenses.base import TrainContext, TrainData
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]

@@ -16,8 +16,8 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from bench.errors import RobustMatrixError
-from bench.store import Store
+from bench.foundation.errors import RobustMatrixError
+from bench.storage.store import Store
 from leaderboard import plots
 from leaderboard.report import build_report
 from leaderboard.tables import markdown, threat_list, write_csv

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bench.store import Store, decode_mask
+from bench.storage.store import Store, decode_mask
 
 DEFAULT_CLASSES = 10
 """Classes assumed for chance accuracy when an evaluation predates recording ``num_classes``."""

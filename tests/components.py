@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
-from bench.registry import ATTACKS, DEFENSES
+from bench.foundation.registry import ATTACKS, DEFENSES
 
 
 class ComponentModule:
@@ -68,7 +68,8 @@ import torch
 from torch.nn import functional as F
 
 from attacks.base import Attack, clip_to_threat, input_gradient, loss_function
-from bench.registry import Budget, register_attack, register_defense
+from bench.foundation.registry import register_attack, register_defense
+from bench.foundation.specs import Budget
 from defenses.base import Defense
 from defenses.training import train, training_kwargs, with_training_defaults
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.registry import load_builtins
+from bench.foundation.plugins import load_builtins
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -41,7 +41,7 @@ def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def digits():
-    from bench.data import load_dataset
+    from bench.foundation.data import load_dataset
 
     return load_dataset("digits")
 
@@ -63,8 +63,8 @@ class Trained:
 
 def train_defense(defense_id: str, dataset, epochs: int = 8, seed: int = 0, **overrides) -> Trained:
     """Train a registered defense on a dataset with a short budget (for tests)."""
-    from bench.models import build_model
-    from bench.registry import DEFENSES
+    from bench.foundation.models import build_model
+    from bench.foundation.registry import DEFENSES
     from defenses.base import TrainContext, TrainData
 
     torch.manual_seed(seed)
@@ -100,7 +100,7 @@ class CliResult:
 
 def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
     """Run ``robustmatrix`` in-process (fast); cwd matters for default paths."""
-    from bench.cli import main
+    from bench.commands.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     previous = os.getcwd()
@@ -115,7 +115,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bench.cli", *args]
+    return [sys.executable, "-m", "bench.commands.cli", *args]
 
 
 def cli_env(**extra: str) -> dict[str, str]:

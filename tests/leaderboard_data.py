@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.store import CellRecord, EvaluationRecord, Store, TrainingRecord
+from bench.storage.store import CellRecord, EvaluationRecord, Store, TrainingRecord
 
 QUIET = {
     "examples": 64,

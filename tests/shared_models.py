@@ -13,6 +13,6 @@ def robust_digits() -> Trained:
     """``pgd-at-linf-v1`` on digits, 8 epochs, seed 0: a model where attacks run (almost) their whole
     budget instead of stopping early, and where their strength shows (an undefended one falls to
     anything)."""
-    from bench.data import load_dataset
+    from bench.foundation.data import load_dataset
 
     return train_defense("pgd-at-linf-v1", load_dataset("digits"), epochs=8)

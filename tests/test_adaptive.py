@@ -11,13 +11,13 @@ import torch
 
 from attacks.base import Victim, predict
 from attacks.cascade import AdaptiveWorstCase
-from bench.config import MatrixSpec
-from bench.counting import CountingModel, PassCounter
-from bench.jobs import TrainingJob
-from bench.keys import seed_everything
-from bench.registry import ATTACKS, DEFENSES
-from bench.runner import FAMILY_ORDER, Runner, cascade_members
-from bench.store import encode_mask
+from bench.execution.jobs import TrainingJob
+from bench.execution.runner import FAMILY_ORDER, Runner, cascade_members
+from bench.foundation.config import MatrixSpec
+from bench.foundation.counting import CountingModel, PassCounter
+from bench.foundation.keys import seed_everything
+from bench.foundation.registry import ATTACKS, DEFENSES
+from bench.storage.store import encode_mask
 from defenses.base import StraightThrough
 from tests.conftest import train_defense
 

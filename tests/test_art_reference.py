@@ -8,9 +8,9 @@ import pytest
 
 from attacks.art_support import art_classifier, from_numpy, to_numpy
 from attacks.base import Victim, predict
-from bench.counting import CountingModel, PassCounter
-from bench.keys import seed_everything
-from bench.registry import ATTACKS
+from bench.foundation.counting import CountingModel, PassCounter
+from bench.foundation.keys import seed_everything
+from bench.foundation.registry import ATTACKS
 from tests.shared_models import robust_digits
 
 TOLERANCE = 0.02

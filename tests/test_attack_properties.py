@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from attacks.base import Victim, perturbation_norm, predict
-from bench.counting import CountingModel, PassCounter
-from bench.keys import seed_everything
-from bench.registry import ATTACKS, DEFENSES
+from bench.foundation.counting import CountingModel, PassCounter
+from bench.foundation.keys import seed_everything
+from bench.foundation.registry import ATTACKS, DEFENSES
 from tests.conftest import Trained
 from tests.shared_models import robust_digits
 
@@ -157,10 +157,10 @@ def standard_cells(digits, tmp_path_factory):
     runner and workbench (one eps per norm, 40 examples)."""
     import json
 
-    from bench.config import MatrixSpec
-    from bench.runner import Runner
-    from bench.store import encode_mask
-    from bench.workbench import Workbench
+    from bench.execution.runner import Runner
+    from bench.execution.workbench import Workbench
+    from bench.foundation.config import MatrixSpec
+    from bench.storage.store import encode_mask
 
     spec = MatrixSpec(
         defenses=("standard-v1",),

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from attacks.cascade import AdaptiveWorstCase
-from bench.config import MatrixSpec
-from bench.jobs import TrainingJob
-from bench.registry import DEFENSES
-from bench.runner import Runner
-from bench.shard import Shard
-from bench.store import decode_mask, encode_mask
+from bench.execution.jobs import TrainingJob
+from bench.execution.runner import Runner
+from bench.execution.shard import Shard
+from bench.foundation.config import MatrixSpec
+from bench.foundation.registry import DEFENSES
+from bench.storage.store import decode_mask, encode_mask
 from tests.conftest import run_cli, write_matrix
 
 MATRIX = """

@@ -10,8 +10,9 @@ from torch import nn
 from torch.autograd import grad as imported_grad
 
 from attacks.base import Attack
-from bench.check import FAIL, PASS, WARN, check_attack, check_defense
-from bench.registry import ATTACKS, DEFENSES, AttackSpec, DefenseSpec
+from bench.commands.check import FAIL, PASS, WARN, check_attack, check_defense
+from bench.foundation.registry import ATTACKS, DEFENSES
+from bench.foundation.specs import AttackSpec, Budget, DefenseSpec
 from defenses.standard import Standard
 from tests.conftest import run_cli
 
@@ -106,7 +107,7 @@ def cpu():
 def test_a_well_behaved_defense_passes_everything(digits, cpu):
     findings = check_defense(DEFENSES.get("standard-v1"), digits, cpu)
     assert {f.status for f in findings} == {PASS}, findings
-    assert len(findings) == 9
+    assert len(findings) == 10
 
 
 @pytest.mark.parametrize(
@@ -225,3 +226,16 @@ def test_training_cost_includes_adversarial_crafting(digits, cpu):
     assert status == PASS
     forwards = int(evidence.split(" forward")[0])
     assert forwards > 320 * 20 * 7, "adversarial crafting passes must be counted"
+
+
+def test_a_plugin_whose_declared_defaults_contradict_its_constructor_is_warned(digits, cpu):
+    spec = AttackSpec(
+        id="drifted-fgsm-v1",
+        factory="attacks.fgsm:FGSM",
+        family="gradient",
+        norm="linf",
+        kwargs={"loss": "margin"},
+        budget_defaults=Budget(steps=1, restarts=1),
+    )
+    status, evidence = _status(check_attack(spec, digits, cpu), "one source of defaults")
+    assert status == WARN and "loss='margin'" in evidence and "'ce'" in evidence

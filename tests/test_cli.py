@@ -179,7 +179,7 @@ def test_leaderboard_of_a_defense_without_ok_cells_prints_no_matplotlib_warning(
 
     import numpy as np
 
-    from bench.store import CellRecord, Store
+    from bench.storage.store import CellRecord, Store
     from tests.leaderboard_data import FakeDefense, write_database
 
     db = write_database(tmp_path / "r.db", [FakeDefense("broken-v1", {})])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.config import load_spec, preset, spec_from_mapping
-from bench.errors import RobustMatrixError
+from bench.foundation.config import load_spec, preset, spec_from_mapping
+from bench.foundation.errors import RobustMatrixError
 from tests.conftest import write_matrix
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import load_dataset, read_idx
-from bench.errors import RobustMatrixError
+from bench.foundation.data import load_dataset, read_idx
+from bench.foundation.errors import RobustMatrixError
 
 
 def test_digits_is_scaled_split_and_stratified(digits):
@@ -27,7 +27,7 @@ def test_digits_are_exactly_scikit_learns(digits):
     labels as ``load_digits``."""
     from sklearn.datasets import load_digits
 
-    from bench.data import _bundled_digits
+    from bench.foundation.data import _bundled_digits
 
     pixels, target = _bundled_digits()
     reference = load_digits()

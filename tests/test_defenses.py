@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from bench.errors import RobustMatrixError
-from bench.jobs import TrainingJob
-from bench.keys import digest, seed_everything
-from bench.models import build_model
-from bench.registry import DEFENSES
-from bench.workbench import Workbench
+from bench.execution.jobs import TrainingJob
+from bench.execution.workbench import Workbench
+from bench.foundation.errors import RobustMatrixError
+from bench.foundation.keys import digest, seed_everything
+from bench.foundation.models import build_model
+from bench.foundation.registry import DEFENSES
 from defenses.base import TrainContext, TrainData
 from defenses.input_transform import through_numpy
 from tests.conftest import run_cli

@@ -17,9 +17,9 @@ from torch import nn
 
 from attacks.base import Victim, predict
 from attacks.pgd import PGD
-from bench.keys import seed_everything
-from bench.models import build_model
-from bench.registry import DEFENSES
+from bench.foundation.keys import seed_everything
+from bench.foundation.models import build_model
+from bench.foundation.registry import DEFENSES
 from defenses.bit_depth import quantize
 from tests.conftest import train_defense
 

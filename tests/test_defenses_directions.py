@@ -16,8 +16,8 @@ import torch
 
 from attacks.base import Victim, predict
 from attacks.pgd import PGD
-from bench.keys import seed_everything
-from bench.probes import behaves_saturated, observe
+from bench.execution.probes import behaves_saturated, observe
+from bench.foundation.keys import seed_everything
 from tests.conftest import train_defense
 
 pytestmark = pytest.mark.slow

@@ -8,12 +8,12 @@ import sys
 
 import torch
 
-from bench.executor import JobFailure, LocalExecutor
-from bench.jobs import EvaluationJob, TrainingJob
-from bench.registry import DEFENSES
-from bench.store import EvaluationRecord, TrainingRecord
-from bench.timebudget import TimeBudgetExceeded, time_budget
-from bench.workbench import Workbench
+from bench.execution.executor import JobFailure, LocalExecutor
+from bench.execution.jobs import EvaluationJob, TrainingJob
+from bench.execution.timebudget import TimeBudgetExceeded, time_budget
+from bench.execution.workbench import Workbench
+from bench.foundation.registry import DEFENSES
+from bench.storage.store import EvaluationRecord, TrainingRecord
 from tests.components import components
 from tests.conftest import TINY_MATRIX, run_cli, write_matrix
 from tests.test_faults import BROKEN_DEFENSE

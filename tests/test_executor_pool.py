@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from bench.jobs import CellJob, TrainingJob
-from bench.pool_executor import MAX_AUTO_WORKERS, PoolExecutor, _affinity, auto_workers
+from bench.execution.jobs import CellJob, TrainingJob
+from bench.execution.pool_executor import MAX_AUTO_WORKERS, PoolExecutor, _affinity, auto_workers
 from tests.components import HEADER, components
 from tests.conftest import TINY_MATRIX, run_cli, write_matrix
 from tests.test_runner import snapshot
@@ -154,10 +154,10 @@ class Sleepy(Defense):
 DRIVER = """
 import sys
 sys.path[:0] = [{repo!r}, {modules!r}]
-from bench.jobs import TrainingJob
-from bench.pool_executor import PoolExecutor
-from bench.registry import load_builtins
-from bench.worker import WorkerSettings
+from bench.execution.jobs import TrainingJob
+from bench.execution.pool_executor import PoolExecutor
+from bench.foundation.plugins import load_builtins
+from bench.execution.worker import WorkerSettings
 load_builtins()
 import {module}
 pool = PoolExecutor(WorkerSettings("digits", "cpu", modules=({module!r},), checkpoint_cache={cache!r}), 1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.ray_executor import LOCAL_ONLY_ENV
+from bench.execution.ray_executor import LOCAL_ONLY_ENV
 from tests.components import components
 from tests.conftest import REPO, TINY_MATRIX, run_cli, write_matrix
 from tests.test_faults import BROKEN_DEFENSE, FAULTY
@@ -26,7 +26,7 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 def test_the_executor_starts_its_own_loopback_instance_and_stops_it(tmp_path, monkeypatch):
     """Without --address: a new local instance on the loopback interface — even where RAY_ADDRESS
     names a cluster (joining one is --address's job) — shut down again on close."""
-    from bench.ray_executor import RayExecutor, WorkerSettings
+    from bench.execution.ray_executor import RayExecutor, WorkerSettings
 
     assert not ray.is_initialized(), "this test runs before the module's shared instance"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")

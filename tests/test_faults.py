@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import sqlite3
 
-from bench.registry import ATTACKS
+from bench.foundation.registry import ATTACKS
 from tests.components import HEADER, components
 from tests.conftest import run_cli, write_matrix
 
@@ -230,7 +230,7 @@ def test_editing_a_components_code_reruns_its_cells_and_nothing_else(tmp_path):
 
 
 def test_a_database_written_before_the_operations_tables_gains_them_on_open(tmp_path):
-    from bench.store import Store
+    from bench.storage.store import Store
 
     db = tmp_path / "old.db"
     Store.open(db).close()

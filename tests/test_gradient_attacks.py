@@ -8,8 +8,8 @@ import torch
 from attacks.base import Victim, clip_to_threat, perturbation_norm, predict, project
 from attacks.fgsm import FGSM
 from attacks.pgd import PGD
-from bench.keys import seed_everything
-from bench.registry import ATTACKS
+from bench.foundation.keys import seed_everything
+from bench.foundation.registry import ATTACKS
 from tests.shared_models import robust_digits
 
 

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 from leaderboard.build import write_leaderboard
 from leaderboard.metrics import is_seen, wilson_interval
 from leaderboard.report import ReportError, build_report, validate
@@ -290,7 +290,7 @@ def test_html_in_a_defense_name_is_escaped(tmp_path):
 
 
 def test_an_empty_database_is_a_clear_error(tmp_path):
-    from bench.store import Store
+    from bench.storage.store import Store
 
     Store.open(tmp_path / "empty.db").close()
     with pytest.raises(RobustMatrixError, match="holds no evaluated defenses yet"):

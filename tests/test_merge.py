@@ -10,9 +10,9 @@ import sqlite3
 import numpy as np
 import pytest
 
-from bench.errors import RobustMatrixError
-from bench.shard import Shard
-from bench.store import encode_mask
+from bench.execution.shard import Shard
+from bench.foundation.errors import RobustMatrixError
+from bench.storage.store import encode_mask
 from tests.conftest import TINY_MATRIX, run_cli, write_matrix
 from tests.test_runner import snapshot
 

@@ -10,7 +10,7 @@ import sqlite3
 
 import pytest
 
-from bench.nightly import compare
+from bench.commands.nightly import compare
 from tests.components import HEADER, components
 from tests.conftest import REPO, run_cli, write_matrix
 
@@ -194,7 +194,7 @@ def _cell(attack_id: str, eps: float, wall_time: float, computed: bool, robust: 
 
 
 def test_a_slowdown_is_timed_on_re_run_cells_only_and_a_dropped_cell_is_a_regression():
-    from bench.nightly import _attack_speed
+    from bench.commands.nightly import _attack_speed
 
     # Nine cached cells at the old speed and one re-run cell five times slower: the re-run one decides.
     cells = [_cell("pgd-linf-v1", 0.1 * i, 1.0, computed=False) for i in range(1, 10)]

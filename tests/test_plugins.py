@@ -53,7 +53,12 @@ def pip_install(python: Path, package: Path, scratch: Path) -> None:
 
 def robustmatrix(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(python), "-m", "bench.cli", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=600
+        [str(python), "-m", "bench.commands.cli", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -6,8 +6,8 @@ import contextlib
 import io
 import time
 
-from bench.counting import PassCounter
-from bench.progress import ATTACK_REFRESH, Progress
+from bench.execution.progress import ATTACK_REFRESH, Progress
+from bench.foundation.counting import PassCounter
 
 
 def _run_attack(progress: Progress, counter: PassCounter) -> None:

@@ -8,19 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.errors import RobustMatrixError
-from bench.registry import (
-    ATTACKS,
-    DEFENSES,
-    AttackSpec,
-    DefenseSpec,
-    Registry,
-    TrainingThreat,
-    code_version,
-    load_plugins,
-    unknown_id_message,
-    validate_kwarg_tables,
-)
+from bench.foundation.errors import RobustMatrixError
+from bench.foundation.kwargs import validate_kwarg_tables
+from bench.foundation.plugins import load_plugins
+from bench.foundation.registry import ATTACKS, DEFENSES, Registry, unknown_id_message
+from bench.foundation.specs import AttackSpec, DefenseSpec, TrainingThreat
+from bench.foundation.versioning import code_version
 
 
 def _attack(spec_id: str, **extra) -> AttackSpec:
@@ -141,7 +134,7 @@ def test_plugins_load_from_entry_points_and_a_broken_one_is_named(plugin_path):
         "robustmatrix.defenses",
         "SPEC",
         """
-        from bench.registry import DefenseSpec
+        from bench.foundation.specs import DefenseSpec
         SPEC = DefenseSpec(id="plugin-noise-v1", factory="defenses.standard:Standard", description="plugin")
         """,
     )
@@ -170,7 +163,7 @@ def test_cli_lists_plugins_and_reports_broken_ones(plugin_path):
         "robustmatrix.attacks",
         "SPEC",
         """
-        from bench.registry import AttackSpec
+        from bench.foundation.specs import AttackSpec
         SPEC = AttackSpec(id="plugin-extra-v1", factory="attacks.fgsm:FGSM", family="gradient", norm="linf")
         """,
     )
@@ -243,7 +236,7 @@ def test_a_plugin_calling_sys_exit_is_named_and_the_others_still_load(plugin_pat
         "robustmatrix.defenses",
         "SPEC",
         """
-        from bench.registry import DefenseSpec
+        from bench.foundation.specs import DefenseSpec
         SPEC = DefenseSpec(id="plugin-noise-v1", factory="defenses.standard:Standard")
         """,
     )
@@ -260,7 +253,8 @@ def test_a_failed_plugin_leaves_nothing_behind_in_either_registry(plugin_path):
         "robustmatrix.defenses",
         "SPEC",
         """
-        from bench.registry import AttackSpec, ATTACKS
+        from bench.foundation.registry import ATTACKS
+        from bench.foundation.specs import AttackSpec
         ATTACKS.register(AttackSpec(id="plugin-stray-v1", factory="attacks.fgsm:FGSM", family="gradient", norm="linf"))
         raise RuntimeError("half way")
         """,
@@ -277,7 +271,8 @@ def test_components_of_the_other_kind_are_attributed_to_the_plugin(plugin_path):
         "robustmatrix.defenses",
         "SPEC",
         """
-        from bench.registry import AttackSpec, ATTACKS, DefenseSpec
+        from bench.foundation.registry import ATTACKS
+        from bench.foundation.specs import AttackSpec, DefenseSpec
         ATTACKS.register(AttackSpec(id="plugin-late-v1", factory="attacks.fgsm:FGSM", family="gradient", norm="linf"))
         SPEC = DefenseSpec(id="plugin-noise-v1", factory="defenses.standard:Standard")
         """,
@@ -285,3 +280,68 @@ def test_components_of_the_other_kind_are_attributed_to_the_plugin(plugin_path):
     assert load_plugins(("defense",)) == []
     assert DEFENSES.get("plugin-noise-v1").source == "rm-mixed-plugin==0.3"
     assert ATTACKS.get("plugin-late-v1").source == "rm-mixed-plugin==0.3", "not labelled builtin"
+
+
+def test_an_installed_plugin_written_against_the_published_api_still_loads(plugin_path):
+    """Plugins import ``bench.registry`` (the scaffold, the example and the README say so); the
+    layers moved the code underneath, not that name."""
+    _write_distribution(
+        plugin_path,
+        "rm-mixed-plugin",
+        "robustmatrix.attacks",
+        "SPEC",
+        """
+        from bench.registry import ATTACKS, AttackSpec, Budget, register_attack, register_defense, TrainingThreat
+
+        @register_defense("plugin-late-v1", kwargs={"epochs": 1, "eps": 0.1},
+                          trained_against=(TrainingThreat("linf", "pgd"),))
+        def make_defense(epochs, eps):
+            from defenses.standard import Standard
+            return Standard(epochs=epochs)
+
+        @register_attack("plugin-extra-v1", family="gradient", norm="linf", kwargs={"steps": 3})
+        def make_attack(eps, steps=3):
+            from attacks.pgd import PGD
+            return PGD(eps, steps=steps)
+
+        SPEC = AttackSpec(id="plugin-stray-v1", factory="attacks.fgsm:FGSM", family="gradient", norm="linf",
+                          budget_defaults=Budget(steps=1, restarts=1))
+        """,
+    )
+    assert load_plugins(("attack",)) == []
+    assert ATTACKS.get("plugin-extra-v1").kwargs == {"steps": 3}
+    assert ATTACKS.get("plugin-stray-v1").kwargs == {}  # a 'module:attr' factory is read lazily, as declared
+    assert DEFENSES.get("plugin-late-v1").resolve_kwargs("digits") == {"epochs": 1, "eps": 0.1}
+
+
+def _builtin_specs():
+    from bench.foundation.plugins import load_builtins
+
+    load_builtins()
+    return [*ATTACKS, *DEFENSES]
+
+
+@pytest.mark.parametrize("spec", _builtin_specs(), ids=lambda spec: spec.id)
+def test_every_builtin_declares_exactly_its_constructors_defaults(spec):
+    from bench.foundation.kwargs import kwargs_drift
+
+    assert kwargs_drift(spec.load(), spec.kwargs) == []
+
+
+def test_a_declared_default_that_contradicts_the_constructor_is_named():
+    from attacks.pgd import PGD
+    from bench.foundation.kwargs import kwargs_drift
+
+    spec = _attack("pgd-drifted-v1", kwargs={"steps": 40, "restarts": 1, "typo_kwarg": 1})
+    drift = kwargs_drift(spec.load(), spec.kwargs)
+    assert any("steps=40" in line and "default is 20" in line for line in drift)
+    assert any("typo_kwarg is not a parameter" in line for line in drift)
+    assert kwargs_drift(PGD, {"steps": 20}) == []
+    # A variant's other defaults are defaults of the registered callable, not drift.
+    registry = Registry("attack")
+    from bench.foundation.registry import register_attack
+
+    register_attack("pgd-l2-again-v1", registry=registry, family="gradient", norm="l2", variant={"norm": "l2"})(PGD)
+    variant = registry.get("pgd-l2-again-v1")
+    assert variant.kwargs["norm"] == "l2" and variant.kwargs["steps"] == 20
+    assert kwargs_drift(variant.load(), variant.kwargs) == []

@@ -9,8 +9,8 @@ import torch
 
 from attacks.base import Victim, perturbation_norm, predict
 from attacks.square import Square, centred_pattern, meta_pattern, paste, window_mask
-from bench.keys import seed_everything
-from bench.registry import ATTACKS
+from bench.foundation.keys import seed_everything
+from bench.foundation.registry import ATTACKS
 
 
 def test_centred_pattern_peaks_at_the_centre_and_falls_ring_by_ring():

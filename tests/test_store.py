@@ -7,8 +7,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from bench.errors import RobustMatrixError
-from bench.store import CellRecord, Store, decode_mask, encode_mask
+from bench.foundation.errors import RobustMatrixError
+from bench.storage.store import CellRecord, Store, decode_mask, encode_mask
 
 
 def _cell(**changes) -> CellRecord:

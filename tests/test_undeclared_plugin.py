@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from bench.registry import DEFENSES, DefenseSpec
+from bench.foundation.registry import DEFENSES
+from bench.foundation.specs import DefenseSpec
 from defenses.standard import Standard
 from tests.conftest import run_cli, write_matrix
 

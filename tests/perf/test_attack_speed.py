@@ -15,9 +15,9 @@ from torch.nn import functional as F
 
 from attacks.art_support import art_classifier, to_numpy
 from attacks.base import Victim
-from bench.counting import CountingModel, PassCounter
-from bench.keys import seed_everything
-from bench.registry import ATTACKS
+from bench.foundation.counting import CountingModel, PassCounter
+from bench.foundation.keys import seed_everything
+from bench.foundation.registry import ATTACKS
 from tests.shared_models import robust_digits
 
 GRADIENT_ATTACKS = [

@@ -8,8 +8,8 @@ import itertools
 
 import numpy as np
 
-from bench.merge import merge_databases
-from bench.store import CellRecord, Store
+from bench.storage.merge import merge_databases
+from bench.storage.store import CellRecord, Store
 
 CELLS = 300
 N_EVAL = 1000

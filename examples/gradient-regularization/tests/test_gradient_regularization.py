@@ -6,8 +6,8 @@ import torch
 
 from attacks.base import Victim, predict
 from attacks.pgd import PGD
-from bench.check import FAIL, check_defense, train_on_slice
-from bench.data import load_dataset
+from bench.commands.check import FAIL, check_defense, train_on_slice
+from bench.foundation.data import load_dataset
 from bench.registry import DEFENSES, load_builtins
 
 

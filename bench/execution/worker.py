@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.workbench import Workbench
+from bench.execution.workbench import Workbench
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ _IMPORTED: set[str] = set()
 def load_components(modules: tuple[str, ...]) -> None:
     """Built-ins and plugins once per process, then any module of this matrix not yet imported
     (a worker process may serve many runs in turn)."""
-    from bench.registry import load_builtins, load_plugins
+    from bench.foundation.plugins import load_builtins, load_plugins
 
     if not _IMPORTED:
         load_builtins()

@@ -23,16 +23,16 @@ import torch
 from torch import nn
 
 from attacks.base import Victim, perturbation_norm
-from bench.counting import CountingModel, PassCounter
-from bench.data import Dataset, load_dataset
-from bench.errors import RobustMatrixError
-from bench.jobs import CellJob, EvaluationJob, TrainingJob
-from bench.keys import digest, seed_everything, seed_from, versions
-from bench.models import architecture_name, build_model
-from bench.probes import observe
-from bench.registry import ATTACKS, DEFENSES
-from bench.store import CellRecord, EvaluationRecord, TrainingRecord, decode_mask
-from bench.timebudget import Budget, TimeBudgetExceeded, time_budget
+from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.execution.probes import observe
+from bench.execution.timebudget import Budget, TimeBudgetExceeded, time_budget
+from bench.foundation.counting import CountingModel, PassCounter
+from bench.foundation.data import Dataset, load_dataset
+from bench.foundation.errors import RobustMatrixError
+from bench.foundation.keys import digest, seed_everything, seed_from, versions
+from bench.foundation.models import architecture_name, build_model
+from bench.foundation.registry import ATTACKS, DEFENSES
+from bench.storage.store import CellRecord, EvaluationRecord, TrainingRecord, decode_mask
 from defenses.base import Defense, StraightThrough, TrainContext, TrainData
 
 EpochCallback = Callable[[str, int, int, float], None]

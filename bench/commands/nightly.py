@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.runner import RunSummary
-from bench.store import Store, decode_mask
+from bench.execution.runner import RunSummary
+from bench.storage.store import Store, decode_mask
 from leaderboard.metrics import wilson_interval
 
 HISTORY_PLOT = "nightly-history.png"

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.errors import RobustMatrixError
-from bench.executor import Executor, Job, JobFailure, Outcome, job_failed, run_job
-from bench.jobs import CellJob, EvaluationJob, TrainingJob
-from bench.store import TrainingRecord
-from bench.workbench import Workbench, failed_cell, failure_reason
-from bench.worker import WorkerSettings, workbench_for
+from bench.execution.executor import Executor, Job, JobFailure, Outcome, job_failed, run_job
+from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.execution.workbench import Workbench, failed_cell, failure_reason
+from bench.execution.worker import WorkerSettings, workbench_for
+from bench.foundation.errors import RobustMatrixError
+from bench.storage.store import TrainingRecord
 
 LOCAL_ONLY_ENV = {
     # A local instance listens on the loopback interface only and reports no usage statistics.
@@ -101,14 +101,14 @@ def cell_task(
     _materialize(bench, job.surrogate, surrogate_checkpoint)
     mismatch = _version_mismatch(job)
     if mismatch:
-        return failed_cell(job, mismatch, device=str(bench.device))
+        return failed_cell(job, mismatch, device=str(bench.foundation.device))
     return run_job(bench, job)
 
 
 def _version_mismatch(job: CellJob) -> str | None:
     """A worker with other code than the driver would store results under the wrong key: the
     cell's attack and, for a cascade, every member it runs must match the driver's versions."""
-    from bench.registry import ATTACKS
+    from bench.foundation.registry import ATTACKS
 
     for attack_id, expected in ((job.attack_id, job.attack_version), *job.member_versions):
         try:

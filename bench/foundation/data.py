@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 
 DOWNLOAD_TIMEOUT_S = 30
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_RESULTS = Path("results")
@@ -105,7 +105,7 @@ def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _execution_options(args: argparse.Namespace):  # noqa: ANN202 - ExecutionOptions, imported lazily
-    from bench.launch import ExecutionOptions
+    from bench.execution.launch import ExecutionOptions
 
     return ExecutionOptions(
         executor=args.executor,
@@ -139,7 +139,7 @@ def _print_failures(failed: list[tuple[str, str]]) -> None:
 
 def _load_components() -> None:
     """Built-ins, then plugins; a broken plugin is named and skipped, the others still load."""
-    from bench.registry import load_builtins, load_plugins
+    from bench.foundation.plugins import load_builtins, load_plugins
 
     load_builtins()
     for failure in load_plugins():
@@ -147,14 +147,15 @@ def _load_components() -> None:
 
 
 def _check_dataset(name: str) -> None:
-    from bench.data import DATASETS
+    from bench.foundation.data import DATASETS
 
     if name not in DATASETS:
         raise RobustMatrixError(f"unknown dataset '{name}'; choose one of {', '.join(DATASETS)}")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from bench.registry import is_wildcard, registry_for, unknown_id_message
+    from bench.foundation.kwargs import is_wildcard
+    from bench.foundation.registry import registry_for, unknown_id_message
 
     _check_dataset(args.dataset)
     kinds = [args.kind] if args.kind else ["defense", "attack"]
@@ -185,10 +186,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
             headers = ["defense", "trained against", "nature", "source", "description"]
         else:
             table = [
-                [e["id"], e["family"], e["norm"], e["applies_to"], _budget(e["budget"]), e["source"], e["description"]]
+                [
+                    e["id"],
+                    e["family"],
+                    e["norm"],
+                    e["applies_to"],
+                    _budget(e["budget"]),
+                    e["kwargs_from"],
+                    e["source"],
+                    e["description"],
+                ]
                 for e in rows
             ]
-            headers = ["attack", "family", "norm", "applies to", "budget", "source", "description"]
+            headers = ["attack", "family", "norm", "applies to", "budget", "budget from", "source", "description"]
         print(tabulate(table, headers=headers, tablefmt="simple") + "\n")
     return EXIT_OK
 
@@ -264,8 +274,8 @@ def _write_leaderboard(db_path: Path, out_dir: Path) -> list[Path]:
 
 def _matrix_of_last_run(db_path: Path):  # noqa: ANN202 - MatrixSpec, imported lazily
     """The matrix that built an existing leaderboard: `run --defense ID` adds a row to *that* table."""
-    from bench.config import spec_from_mapping
-    from bench.store import Store
+    from bench.foundation.config import spec_from_mapping
+    from bench.storage.store import Store
 
     if not db_path.exists():
         return None
@@ -277,10 +287,10 @@ def _matrix_of_last_run(db_path: Path):  # noqa: ANN202 - MatrixSpec, imported l
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from bench.config import load_spec
-    from bench.launch import run_matrix
-    from bench.progress import Progress
-    from bench.shard import Shard
+    from bench.execution.launch import run_matrix
+    from bench.execution.progress import Progress
+    from bench.execution.shard import Shard
+    from bench.foundation.config import load_spec
 
     default_root = DEFAULT_RESULTS / "quick" if args.quick else DEFAULT_RESULTS
     db_path = args.db or default_root / "robustmatrix.db"
@@ -323,7 +333,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from bench.merge import merge_databases
+    from bench.storage.merge import merge_databases
 
     report = merge_databases(list(args.sources), args.into)
     print(f"merged {len(args.sources)} database(s) into {args.into}: {report.summary()}")
@@ -336,11 +346,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    from bench.config import load_spec
-    from bench.launch import run_matrix
-    from bench.nightly import record_and_report
-    from bench.progress import Progress
-    from bench.store import Store
+    from bench.commands.nightly import record_and_report
+    from bench.execution.launch import run_matrix
+    from bench.execution.progress import Progress
+    from bench.foundation.config import load_spec
+    from bench.storage.store import Store
 
     if not args.max_slowdown > 1:
         raise RobustMatrixError(f"--max-slowdown must be greater than 1, got {args.max_slowdown}")
@@ -374,10 +384,10 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from bench.check import FAIL, check_attack, check_defense
-    from bench.data import load_dataset
-    from bench.device import resolve_device
-    from bench.registry import ATTACKS, DEFENSES, unknown_id_message
+    from bench.commands.check import FAIL, check_attack, check_defense
+    from bench.foundation.data import load_dataset
+    from bench.foundation.device import resolve_device
+    from bench.foundation.registry import ATTACKS, DEFENSES, unknown_id_message
 
     if args.id in DEFENSES:
         spec, check = DEFENSES.get(args.id), check_defense
@@ -402,7 +412,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_new_defense(args: argparse.Namespace) -> int:
-    from bench.scaffold import new_defense
+    from bench.commands.scaffold import new_defense
 
     root = new_defense(args.name, args.dir)
     print(f"wrote {root}/: install it with `pip install {root}`, then `robustmatrix check {args.name}-v1`")

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from attacks.base import Victim, perturbation_norm, predict
-from bench.counting import CountingModel, PassCounter
-from bench.data import Dataset
-from bench.keys import seed_everything
-from bench.models import build_model
-from bench.probes import VANISHING_GRADIENT, observe
-from bench.registry import NORMS, AttackSpec, DefenseSpec
+from bench.execution.probes import VANISHING_GRADIENT, observe
+from bench.foundation.counting import CountingModel, PassCounter
+from bench.foundation.data import Dataset
+from bench.foundation.keys import seed_everything
+from bench.foundation.kwargs import kwargs_drift
+from bench.foundation.models import build_model
+from bench.foundation.specs import NORMS, AttackSpec, DefenseSpec
 from defenses.base import Defense, StraightThrough, TrainContext, TrainData
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -184,6 +185,7 @@ class DefenseChecker:
             return
         described = ", ".join(f"{t.attack} {t.norm} {t.eps:g}" for t in threats) or "no threat model"
         self._add(PASS, "declarations are valid", f"kwargs serialize to JSON; trained against {described}")
+        self.findings.append(defaults_finding(spec))
 
     def _check_reproducible(self, model: nn.Module, again: nn.Module) -> None:
         difference = _max_difference(model.state_dict(), again.state_dict())
@@ -307,8 +309,19 @@ class DefenseChecker:
             self._add(PASS, "no gradients inside forward", "forward computes no gradients")
 
 
+def defaults_finding(spec: AttackSpec | DefenseSpec) -> Finding:
+    """Declared kwargs that contradict the constructor's defaults are two sources that will drift."""
+    try:
+        problems = kwargs_drift(spec.load(), spec.kwargs)
+    except Exception as exc:  # noqa: BLE001 - the finding reports it
+        return Finding(FAIL, "one source of defaults", f"cannot load the factory: {type(exc).__name__}: {exc}")
+    if problems:
+        return Finding(WARN, "one source of defaults", "; ".join(problems))
+    return Finding(PASS, "one source of defaults", f"{len(spec.kwargs)} kwargs, all the constructor's defaults")
+
+
 def _standard_model(data: Dataset, device: torch.device, seed: int) -> nn.Module:
-    from bench.registry import DEFENSES
+    from bench.foundation.registry import DEFENSES
 
     _, model, _ = train_on_slice(DEFENSES.get("standard-v1"), data, device, seed)  # type: ignore[arg-type]
     for parameter in model.parameters():
@@ -319,7 +332,7 @@ def _standard_model(data: Dataset, device: torch.device, seed: int) -> nn.Module
 def check_attack(spec: AttackSpec, data: Dataset, device: torch.device, seed: int = 0) -> list[Finding]:
     """Attack it at a few radii on a briefly trained undefended model: inside the threat model,
     within its declared budget, reproducible with a seed, inputs untouched."""
-    findings: list[Finding] = []
+    findings: list[Finding] = [defaults_finding(spec)]
     model = _standard_model(data, device, seed)
     index = data.eval_indices(min(CHECK_EVAL_EXAMPLES, len(data.y_test)))
     x, y = data.x_test[index].to(device), data.y_test[index].to(device)

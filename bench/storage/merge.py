@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.errors import RobustMatrixError
-from bench.runner import checkpoint_dir
-from bench.store import Store
+from bench.foundation.errors import RobustMatrixError
+from bench.storage.store import Store, checkpoint_dir
 
 VOLATILE = {"created_at", "wall_time", "device", "versions", "error"}
 """Columns that describe how a result was produced, not what it is: never a conflict."""

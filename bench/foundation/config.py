@@ -25,7 +25,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 
 PRESETS = ("default", "quick")
 
@@ -83,7 +83,7 @@ def _string_list(raw: Any, key: str, source: str) -> tuple[str, ...]:
 def _eps_grid(raw: Any, source: str, *, allow_empty: bool = False) -> dict[str, tuple[float, ...]]:
     """The eps grid per norm. With ``allow_empty`` (a file laid over a preset), ``norm = []`` is
     kept as an empty tuple: it drops that norm from the preset's grid."""
-    from bench.registry import NORMS
+    from bench.foundation.specs import NORMS
 
     if not isinstance(raw, Mapping) or not raw:
         raise _fail(source, "'eps' must be a table mapping a norm to a list of numbers, like linf = [0.1, 0.2]")

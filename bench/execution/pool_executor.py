@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from bench.errors import RobustMatrixError
-from bench.executor import PRIORITY, Executor, Job, JobFailure, Outcome, job_failed, run_job
-from bench.jobs import CellJob
-from bench.workbench import failure_reason, minimal_run_key
-from bench.worker import WorkerSettings, workbench_for
+from bench.execution.executor import PRIORITY, Executor, Job, JobFailure, Outcome, job_failed, run_job
+from bench.execution.jobs import CellJob
+from bench.execution.workbench import failure_reason, minimal_run_key
+from bench.execution.worker import WorkerSettings, workbench_for
+from bench.foundation.errors import RobustMatrixError
 
 MAX_AUTO_WORKERS = 8
 """``--workers auto`` takes one worker per usable core, at most this many: every worker holds its

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 
 T = TypeVar("T")
 _SHARD = re.compile(r"^\s*([0-9]+)\s*/\s*([0-9]+)\s*$")

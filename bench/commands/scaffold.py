@@ -12,7 +12,7 @@ import keyword
 import re
 from pathlib import Path
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 
 NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 RESERVED = frozenset({"bench", "attacks", "defenses", "leaderboard", "tests", "examples"})
@@ -100,8 +100,8 @@ TEST = '''\
 import torch
 
 import {package}.defense  # noqa: F401  (registers the defense)
-from bench.check import FAIL, check_defense
-from bench.data import load_dataset
+from bench.commands.check import FAIL, check_defense
+from bench.foundation.data import load_dataset
 from bench.registry import DEFENSES, load_builtins
 
 

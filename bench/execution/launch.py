@@ -7,20 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.config import MatrixSpec
-from bench.data import load_dataset
-from bench.device import resolve_device
-from bench.errors import RobustMatrixError
-from bench.executor import Executor, LocalExecutor
-from bench.keys import versions
-from bench.pool_executor import PoolExecutor, auto_workers
-from bench.progress import Progress
-from bench.registry import ATTACKS, DEFENSES
-from bench.runner import Runner, RunSummary, checkpoint_dir
-from bench.shard import Shard
-from bench.store import Store
-from bench.workbench import Workbench
-from bench.worker import WorkerSettings
+from bench.execution.executor import Executor, LocalExecutor
+from bench.execution.pool_executor import PoolExecutor, auto_workers
+from bench.execution.progress import Progress
+from bench.execution.runner import Runner, RunSummary
+from bench.execution.shard import Shard
+from bench.execution.workbench import Workbench
+from bench.execution.worker import WorkerSettings
+from bench.foundation.config import MatrixSpec
+from bench.foundation.data import load_dataset
+from bench.foundation.device import resolve_device
+from bench.foundation.errors import RobustMatrixError
+from bench.foundation.keys import versions
+from bench.foundation.registry import ATTACKS, DEFENSES
+from bench.storage.store import Store, checkpoint_dir
 
 EXECUTORS = ("local", "ray")
 
@@ -106,7 +106,7 @@ def make_executor(
             on_attack=progress.attack if progress.interactive else None,
         )
         return LocalExecutor(workbench, threads=options.cpus_per_task), str(device)
-    from bench.ray_executor import RayExecutor
+    from bench.execution.ray_executor import RayExecutor
 
     settings = WorkerSettings(
         spec.dataset, options.device, data_dir, download, options.cpus_per_task, component_modules(spec)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 
 APPLICATION_ID = 0x524D5458  # "RMTX": marks the file as ours
 SCHEMA_VERSION = 1
@@ -499,6 +499,11 @@ class Store:
     def clear_failure(self, job_key: str) -> None:
         with self._write() as connection:
             connection.execute("DELETE FROM failures WHERE job_key = ?", (job_key,))
+
+
+def checkpoint_dir(db_path: Path) -> Path:
+    """Checkpoints live beside the database they belong to."""
+    return Path(db_path).parent / "checkpoints"
 
 
 def record_dict(record: Any) -> dict[str, Any]:

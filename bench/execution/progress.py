@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.counting import PassCounter
+from bench.foundation.counting import PassCounter
 
 ATTACK_REFRESH = 0.25
 """Seconds between refreshes of the in-cell attack bar (read from a background thread)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bench.keys import digest
+from bench.foundation.keys import digest
 
 
 @dataclass(frozen=True)

@@ -13,25 +13,34 @@ import inspect
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import bench.models
-from bench.config import MatrixSpec
-from bench.data import Dataset
-from bench.errors import RobustMatrixError
-from bench.executor import Executor, JobFailure
-from bench.jobs import CellJob, EvaluationJob, TrainingJob
-from bench.keys import RESULTS_VERSION, digest
-from bench.models import architecture_name
-from bench.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
-from bench.progress import Progress
-from bench.registry import ATTACKS, DEFENSES, AttackSpec, DefenseSpec, validate_kwarg_tables
-from bench.shard import Shard
-from bench.store import CellRecord, EvaluationRecord, Store, TrainingRecord, decode_mask, encode_mask
-from bench.workbench import failed_cell
+import bench.foundation.models
+from bench.execution.executor import Executor, JobFailure
+from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.execution.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
+from bench.execution.progress import Progress
+from bench.execution.shard import Shard
+from bench.execution.workbench import failed_cell
+from bench.foundation.config import MatrixSpec
+from bench.foundation.data import Dataset
+from bench.foundation.errors import RobustMatrixError
+from bench.foundation.keys import RESULTS_VERSION, digest
+from bench.foundation.kwargs import validate_kwarg_tables
+from bench.foundation.models import architecture_name
+from bench.foundation.registry import ATTACKS, DEFENSES
+from bench.foundation.specs import AttackSpec, DefenseSpec
+from bench.storage.store import (
+    CellRecord,
+    EvaluationRecord,
+    Store,
+    TrainingRecord,
+    checkpoint_dir,
+    decode_mask,
+    encode_mask,
+)
 
 SURROGATE_DEFENSE = "standard-v1"
 WILDCARD = set("*?[")
@@ -135,7 +144,7 @@ class Runner:
         self.fingerprint = dataset.fingerprint()
         self.progress = progress or Progress(enabled=False)
         self.retry_failed = retry_failed
-        self._models_version = digest(inspect.getsource(bench.models))
+        self._models_version = digest(inspect.getsource(bench.foundation.models))
         dataset.eval_indices(spec.n_eval)
         self.defenses: list[DefenseSpec] = DEFENSES.select(list(spec.defenses))  # type: ignore[assignment]
         self.attacks: list[AttackSpec] = ATTACKS.select(list(spec.attacks))  # type: ignore[assignment]
@@ -493,8 +502,3 @@ class Runner:
     def _failure_reason(self, cell_key: str) -> str:
         row = self.store.connection.execute("SELECT error FROM cells WHERE cell_key = ?", (cell_key,)).fetchone()
         return row["error"] if row else "unknown error"
-
-
-def checkpoint_dir(db_path: Path) -> Path:
-    """Checkpoints live beside the database they belong to."""
-    return Path(db_path).parent / "checkpoints"

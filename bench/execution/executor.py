@@ -7,8 +7,8 @@ raises for a job's own failure: a cell that fails comes back as a failed ``CellR
 or evaluation that fails as a :class:`JobFailure`, so one broken defense costs only its own cells.
 
 ``LocalExecutor`` runs jobs in this process, one at a time, depth first (cells before evaluations
-before trainings), so results appear early; ``bench.pool_executor.PoolExecutor`` runs them in that
-order in worker processes on this machine; ``bench.ray_executor.RayExecutor`` runs them as Ray tasks.
+before trainings), so results appear early; ``bench.execution.pool_executor.PoolExecutor`` runs them in that
+order in worker processes on this machine; ``bench.execution.ray_executor.RayExecutor`` runs them as Ray tasks.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from bench.jobs import CellJob, EvaluationJob, TrainingJob
-from bench.store import CellRecord, EvaluationRecord, TrainingRecord
-from bench.workbench import Workbench, failed_cell, failure_reason
+from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.execution.workbench import Workbench, failed_cell, failure_reason
+from bench.storage.store import CellRecord, EvaluationRecord, TrainingRecord
 
 Job = TrainingJob | EvaluationJob | CellJob
 Outcome = TrainingRecord | EvaluationRecord | CellRecord

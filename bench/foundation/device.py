@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from bench.errors import RobustMatrixError
+from bench.foundation.errors import RobustMatrixError
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:[0-9]+)$")
 

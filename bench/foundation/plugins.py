@@ -1,0 +1,100 @@
+"""Loading components: the built-in ``attacks`` and ``defenses`` packages, and third-party ones
+from the entry-point groups ``robustmatrix.attacks`` and ``robustmatrix.defenses``. Nothing is
+loaded on import: the CLI calls :func:`load_builtins` and :func:`load_plugins` explicitly, so a
+broken plugin can only ever fail loudly, by name, at a well-defined moment (Gymnasium dropped
+import-time plugin loading for the same reason)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from contextlib import ExitStack
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from bench.foundation.errors import RobustMatrixError
+from bench.foundation.kwargs import one_line
+from bench.foundation.registry import ATTACKS, DEFENSES, Registry, registry_for
+from bench.foundation.specs import AttackSpec, DefenseSpec
+
+PLUGIN_GROUPS = {"defense": "robustmatrix.defenses", "attack": "robustmatrix.attacks"}
+
+
+_BUILTIN_PACKAGES = ("defenses", "attacks")
+_builtins_loaded = False
+
+
+def load_builtins() -> None:
+    """Import every module of the built-in ``attacks`` and ``defenses`` packages (idempotent)."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    for package_name in _BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{info.name}")
+    _builtins_loaded = True
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    kind: str
+    entry_point: str
+    distribution: str
+    error: str
+
+    def message(self) -> str:
+        return f"{self.kind} plugin '{self.entry_point}' from {self.distribution} failed to load: {self.error}"
+
+
+def _register_loaded(obj: Any, registry: Registry) -> None:
+    """An entry point may name a spec, a list of specs, a module (whose import registered its
+    specs), or a zero-argument callable returning specs."""
+    if isinstance(obj, (DefenseSpec, AttackSpec)):
+        registry.register(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _register_loaded(item, registry)
+    elif inspect.ismodule(obj):
+        return
+    elif callable(obj):
+        result = obj()
+        if result is not None:
+            _register_loaded(result, registry)
+    else:
+        raise RobustMatrixError(f"entry point gave {type(obj).__name__}, not a spec, module or callable")
+
+
+def load_plugins(kinds: tuple[str, ...] = ("defense", "attack")) -> list[PluginFailure]:
+    """Load third-party components from entry points. Each failure is named and returned; it does
+    not stop the other plugins from loading."""
+    failures: list[PluginFailure] = []
+    everything = (DEFENSES, ATTACKS)
+    for kind in kinds:
+        registry = registry_for(kind)
+        for entry_point in sorted(metadata.entry_points(group=PLUGIN_GROUPS[kind]), key=lambda e: e.name):
+            dist = entry_point.dist
+            source = f"{dist.name}=={dist.version}" if dist is not None else f"entry point {entry_point.name}"
+            # A plugin's module may register components of either kind on import: attribute and,
+            # if it fails, roll back both registries.
+            before = {r.kind: set(r.ids()) for r in everything}
+            try:
+                with ExitStack() as attribution:
+                    for each in everything:
+                        attribution.enter_context(each.attributed_to(source))
+                    _register_loaded(entry_point.load(), registry)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - even sys.exit() in a plugin is reported, not obeyed
+                for each in everything:
+                    for new_id in set(each.ids()) - before[each.kind]:
+                        each.unregister(new_id)
+                if isinstance(exc, SystemExit):
+                    error = f"it called sys.exit({exc.code!r}) while loading"
+                else:
+                    error = one_line(exc)
+                failures.append(PluginFailure(kind, entry_point.name, source, error))
+    return failures
