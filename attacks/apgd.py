@@ -37,12 +37,30 @@ Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def checkpoints(steps: int) -> list[int]:
     """Iterations where the step size may be halved: p0 = 0, p1 = 0.22, p_{j+1} = p_j +
-    max(p_j - p_{j-1} - 0.03, 0.06), scaled to the budget."""
-    points, previous, current = [0.0], 0.0, 0.22
-    while current <= 1:
+    max(p_j - p_{j-1} - 0.03, 0.06), scaled to the budget (Croce & Hein 2020, section 3.2).
+
+    In whole hundredths, so that 0.57 x 100 is 57 and not ceil(57.000000000000007) = 58."""
+    points, previous, current = [], 0, 22
+    while current <= 100:
         points.append(current)
-        previous, current = current, current + max(current - previous - 0.03, 0.06)
-    return sorted({math.ceil(p * steps) for p in points[1:] if math.ceil(p * steps) < steps})
+        previous, current = current, current + max(current - previous - 3, 6)
+    return sorted({-(-p * steps // 100) for p in points if -(-p * steps // 100) < steps})
+
+
+def halve_step(
+    increases: torch.Tensor,
+    steps_since: int,
+    rho: float,
+    halved_last_time: torch.Tensor,
+    best_loss: torch.Tensor,
+    best_at_last_checkpoint: torch.Tensor,
+) -> torch.Tensor:
+    """Per example, whether to halve the step at a checkpoint (Croce & Hein 2020, conditions 1 and 2):
+    the loss rose in fewer than a fraction ``rho`` of the steps since the last checkpoint, or the
+    step was not halved there and the best loss has not improved since."""
+    stalled = increases < rho * steps_since
+    unchanged = ~halved_last_time & (best_loss <= best_at_last_checkpoint)
+    return stalled | unchanged
 
 
 class APGD(Attack):
@@ -145,9 +163,7 @@ class APGD(Attack):
             best_point = torch.where(per_example, current, best_point)
             best_grad = torch.where(per_example, grad, best_grad)
             if k in self.checkpoints:
-                stalled = increases < self.rho * (k - last_checkpoint)
-                unchanged = ~reduced_since & (best_loss <= checkpoint_best)
-                halve = stalled | unchanged
+                halve = halve_step(increases, k - last_checkpoint, self.rho, reduced_since, best_loss, checkpoint_best)
                 eta = torch.where(halve, eta / 2, eta)
                 current[halve], grad[halve] = best_point[halve], best_grad[halve]
                 reduced_since = halve

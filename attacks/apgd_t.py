@@ -33,7 +33,9 @@ class APGDTargeted(APGD):
         self._ranking: torch.Tensor | None = None
 
     def runs(self) -> int:
-        return self.targets * self.restarts
+        """One run per target and restart; never more targets than there are wrong classes."""
+        targets = self.targets if self._ranking is None else min(self.targets, self._ranking.shape[1] - 1)
+        return targets * self.restarts
 
     def max_passes_per_example(self) -> tuple[int, int]:
         forwards, backwards = super().max_passes_per_example()
@@ -50,8 +52,7 @@ class APGDTargeted(APGD):
 
     def loss_for(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, run: int) -> Loss:
         assert self._ranking is not None
-        rank = min(run // self.restarts, self._ranking.shape[1] - 2)
-        target = self._ranking[:, rank]
+        target = self._ranking[:, run // self.restarts]
         return lambda logits, labels, positions: targeted_dlr_loss(logits, labels, target[positions])
 
 

@@ -288,14 +288,24 @@ class Attack:
         return x_adv
 
     def _check(self, x: torch.Tensor, x_adv: torch.Tensor) -> None:
-        name = type(self).__name__
-        if x_adv.shape != x.shape or x_adv.device != x.device:
-            raise RuntimeError(f"{name} returned shape {tuple(x_adv.shape)} on {x_adv.device}")
-        if not torch.isfinite(x_adv).all():
-            raise RuntimeError(f"{name} returned non-finite values")
-        if x_adv.min() < -BOUND_TOLERANCE or x_adv.max() > 1 + BOUND_TOLERANCE:
-            raise RuntimeError(f"{name} left the [0, 1] image box")
-        if self.norm in ("linf", "l2", "l1") and len(x):
-            size = perturbation_norm(x_adv - x, self.norm).max().item()
-            if size > self.eps * (1 + 1e-4) + BOUND_TOLERANCE:
-                raise RuntimeError(f"{name} left the {self.norm} ball: {size:.6f} > eps {self.eps}")
+        problem = threat_model_violation(x, x_adv, self.norm, self.eps)
+        if problem is not None:
+            raise RuntimeError(f"{type(self).__name__} {problem}")
+
+
+def threat_model_violation(x: torch.Tensor, x_adv: torch.Tensor, norm: str, eps: float) -> str | None:
+    """What is wrong with ``x_adv`` as an attack's answer on ``x`` — another shape or device,
+    non-finite values, outside the [0, 1] box, outside the eps-ball of an Lp norm — or None. The
+    scorer asks this of every batch from every attack (a plugin that is a plain callable too): one
+    attack that leaves the ball would lower every defense's worst case."""
+    if x_adv.shape != x.shape or x_adv.device != x.device:
+        return f"returned shape {tuple(x_adv.shape)} on {x_adv.device} for inputs {tuple(x.shape)} on {x.device}"
+    if not torch.isfinite(x_adv).all():
+        return "returned non-finite values"
+    if len(x) and (x_adv.min() < -BOUND_TOLERANCE or x_adv.max() > 1 + BOUND_TOLERANCE):
+        return f"left the [0, 1] image box (values in [{x_adv.min().item():.4g}, {x_adv.max().item():.4g}])"
+    if norm in ("linf", "l2", "l1") and len(x):
+        size = perturbation_norm(x_adv - x, norm).max().item()
+        if size > eps * (1 + 1e-4) + BOUND_TOLERANCE:
+            return f"left the {norm} ball: {size:.6f} > eps {eps}"
+    return None

@@ -32,8 +32,11 @@ REDRAWS = 4
 flipped, which always changes the window."""
 
 
-def window_fraction(p_init: float, iteration: int, queries: int) -> float:
-    scaled = int(iteration / queries * 10000)
+def window_fraction(p_init: float, iteration: int, queries: int, rescale: bool = True) -> float:
+    """The fraction of the image a window covers at ``iteration``. ``rescale`` maps the schedule's
+    10,000 iterations onto ``queries`` (the paper's choice for short budgets); AutoAttack's standard
+    run (5000 queries) does not rescale, so its windows shrink on the unscaled schedule."""
+    scaled = int(iteration / queries * 10000) if rescale else iteration
     return p_init / 2 ** sum(scaled > point for point in SCHEDULE)
 
 
@@ -98,13 +101,16 @@ def _per_example(values: torch.Tensor) -> torch.Tensor:
 
 
 class Square(Attack):
-    def __init__(self, eps: float, norm: str = "linf", queries: int = 250, p_init: float = 0.5) -> None:
+    def __init__(
+        self, eps: float, norm: str = "linf", queries: int = 250, p_init: float = 0.5, rescale_schedule: bool = True
+    ) -> None:
         super().__init__(eps)
         if norm not in ("linf", "l2"):
             raise ValueError(f"the Square attack works in linf or l2, not {norm!r}")
         if queries < 1 or not 0 < p_init <= 1:
             raise ValueError("queries must be >= 1 and p_init in (0, 1]")
         self.norm, self.queries, self.p_init = norm, int(queries), float(p_init)
+        self.rescale_schedule = bool(rescale_schedule)
         self._patterns: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
     def max_passes_per_example(self) -> tuple[int, int]:
@@ -113,7 +119,7 @@ class Square(Attack):
     # ------------------------------------------------------------------------------- geometry
 
     def _side(self, iteration: int, height: int, width: int) -> int:
-        p = window_fraction(self.p_init, iteration, self.queries)
+        p = window_fraction(self.p_init, iteration, self.queries, self.rescale_schedule)
         side = int(round(math.sqrt(p * height * width)))
         if self.norm == "linf":
             return max(1, min(side, min(height, width) - 1))
@@ -166,6 +172,10 @@ class Square(Attack):
     # ------------------------------------------------------------------------------------ L2
 
     def _initial_l2(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's start: a 5 x 5 grid of meta-pattern tiles of side h // 5, random signs.
+        On 8 x 8 digits the tiles are single pixels. Kept, because measured: against a 4 x 4 grid of
+        2-pixel tiles on the PGD-trained digits model at L2 1.0 (3 seeds, 232 examples), single
+        pixels leave 36.6% robust at 300 queries (2-pixel tiles 37.2%) and 29.5% at 1000 (32.3%)."""
         batch, channels, height, width = x.shape
         tile = max(1, min(height, width) // 5)
         pattern = meta_pattern(tile).to(x.device, x.dtype)
@@ -239,6 +249,8 @@ for _norm in ("linf", "l2"):
         norm=_norm,
         budget_defaults=Budget(restarts=1),
         variant=VARIANTS[_norm],
-        dataset_kwargs=dict.fromkeys(("mnist", "fashion-mnist", "cifar10"), {"queries": 5000, "p_init": 0.8}),
+        dataset_kwargs=dict.fromkeys(
+            ("mnist", "fashion-mnist", "cifar10"), {"queries": 5000, "p_init": 0.8, "rescale_schedule": False}
+        ),
         description=f"Square attack, {_norm}: score-based random search, square windows (Andriushchenko et al. 2020)",
     )(Square)

@@ -59,6 +59,7 @@ FLAGS = {
     "probability-outputs": "outputs look like probabilities",
     "undeclared-randomness": "outputs change between identical forward passes, not declared randomized",
     "clean-near-chance": "clean accuracy is near chance: training failed, robust accuracy means nothing",
+    "weaker-than-reference": "the reference evaluation (AutoAttack) broke examples the worst case left robust",
 }
 """Stable keys (used in the JSON and by the nightly report) and their one-line meaning."""
 
@@ -287,6 +288,18 @@ def masking_flags(
                     "not-near-chance",
                     f"worst case {_pct(estimate.value)} at {norm} {largest:g} (chance {_pct(chance)}; "
                     f"above chance + {100 * NEAR_CHANCE_MARGIN:.0f} points with one-sided {_p(p)})",
+                )
+            )
+    for (norm, eps), entry in sorted(worst.items()):
+        reference = entry.get("reference")
+        if reference and reference["beyond"]:
+            examples = "; ".join(f"seed {s}: {ids[:10]}" for s, ids in reference["beyond_examples"].items())
+            found.append(
+                Flag(
+                    "weaker-than-reference",
+                    f"{reference['attack']} {_pct(reference['value'])} vs worst case "
+                    f"{_pct(entry['estimate'].value)} at {norm} {eps:g}: {reference['beyond']} examples "
+                    f"only it broke ({examples})",
                 )
             )
     zero = _zero_gradients(observed, probe)

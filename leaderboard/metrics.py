@@ -87,36 +87,93 @@ def _grouped(records: Iterable[Any], key: Any) -> dict[Any, list[Any]]:
     return out
 
 
+REFERENCE = "reference"
+"""The family of a reference evaluation (AutoAttack itself): compared with the worst case, never
+part of it — a benchmark is not graded with the oracle it is checked against."""
+
+
 def worst_case(records: Sequence[Cell]) -> dict[tuple[str, float], dict[str, Any]]:
     """Per threat model: the pooled per-example worst case over every attack at that eps or a smaller
-    one of the same norm, and the strongest single attack at that eps (lowest robust accuracy; the
-    cascade is not a single attack; ties go to adaptive attacks, which are what broke a defense that
-    needed them). ``masks`` holds the per-example worst case by seed."""
+    one of the same norm (reference evaluations excluded), the attack that contributes most to it,
+    and the reference evaluation at that eps, if the matrix ran one. ``masks`` holds the
+    per-example worst case by seed.
+
+    The *strongest attack* is the one whose removal would raise the worst case the most (the
+    examples only it broke, nested over eps); ``strongest_margin`` is that raise. A cascade's cell
+    starts from what the other cells broke, so only its own breaks count as its contribution. Ties
+    go to adaptive attacks (what broke a defense that needed them), then to the lower mean."""
+    own = [r for r in records if r.family != REFERENCE]
+    references = [r for r in records if r.family == REFERENCE]
     out = {}
-    by_threat = _grouped(records, lambda r: (str(r.norm), float(r.eps)))
+    by_threat = _grouped(own, lambda r: (str(r.norm), float(r.eps)))
     for (norm, eps), group in sorted(by_threat.items()):
         within = [r for (n, e), rows in by_threat.items() if n == norm and e <= eps for r in rows]
+        seeds = sorted({int(r.seed) for r in group})
         # One section holds one n_eval: a seed's masks cover the same examples at every eps.
-        masks = {
-            seed: np.logical_and.reduce([r.robust for r in within if int(r.seed) == seed])
-            for seed in sorted({int(r.seed) for r in group})
-        }
+        contributions = _own_breaks(within)
+        masks = {seed: np.logical_and.reduce([m for (_, s), m in contributions.items() if s == seed]) for seed in seeds}
         estimate = Estimate.of(list(masks.values()))
-        cascades = [bool(r.cascade) for r in group]
-        singles = [r for r in group if not r.cascade] if any(cascades) and not all(cascades) else group
-        means = [
-            (float(np.mean([r.robust_accuracy for r in rows])), family != "adaptive", attack)
-            for (attack, family), rows in _grouped(singles, lambda r: (str(r.attack_id), str(r.family))).items()
-        ]
-        means.sort()
+        raised: dict[str, int] = {}
+        for attack in {r.attack_id for r in group}:
+            without = {
+                seed: np.logical_and.reduce(
+                    [m for (a, s), m in contributions.items() if s == seed and a != attack]
+                    or [np.ones_like(masks[seed])]
+                )
+                for seed in seeds
+            }
+            raised[str(attack)] = int(sum(int(without[s].sum()) - int(masks[s].sum()) for s in seeds))
+        means = {
+            str(attack): float(np.mean([r.robust_accuracy for r in rows]))
+            for attack, rows in _grouped(group, lambda r: r.attack_id).items()
+        }
+        families = {str(r.attack_id): str(r.family) for r in group}
+        strongest = min(raised, key=lambda a: (-raised[a], families[a] != "adaptive", means[a], a))
         out[(norm, eps)] = {
             "estimate": estimate,
             "masks": masks,
-            "strongest_attack": means[0][2],
-            "strongest_margin": means[1][0] - means[0][0] if len(means) > 1 else 0.0,
+            "strongest_attack": strongest,
+            "strongest_margin": raised[strongest] / max(1, estimate.n),
             "attacks": len({r.attack_id for r in group}),
+            "reference": _reference(references, norm, eps, masks),
         }
     return out
+
+
+def _own_breaks(within: Sequence[Cell]) -> dict[tuple[str, int], np.ndarray]:
+    """Per (attack, seed): the robust mask that shows only what that attack broke itself, AND-ed over
+    the eps it ran at. A cascade's stored mask also marks what the other cells at its eps broke (it
+    attacked only their survivors); those examples are given back to it here."""
+    plain = [r for r in within if not r.cascade]
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for r in within:
+        mask = r.robust
+        if r.cascade:
+            others = [o.robust for o in plain if o.seed == r.seed and o.norm == r.norm and o.eps == r.eps]
+            if others:
+                mask = mask | ~np.logical_and.reduce(others)
+        key = (str(r.attack_id), int(r.seed))
+        out[key] = mask if key not in out else out[key] & mask
+    return out
+
+
+def _reference(
+    references: Sequence[Cell], norm: str, eps: float, worst: Mapping[int, np.ndarray]
+) -> dict[str, Any] | None:
+    """The reference evaluation at exactly this threat model, and how many examples it broke that the
+    worst case left robust (``beyond``, with their positions in the evaluation set per seed)."""
+    here = [r for r in references if r.norm == norm and float(r.eps) == eps and int(r.seed) in worst]
+    if not here:
+        return None
+    attack = sorted({str(r.attack_id) for r in here})[0]
+    masks = {int(r.seed): r.robust for r in here if r.attack_id == attack}
+    beyond = {seed: np.flatnonzero(worst[seed] & ~mask).tolist() for seed, mask in masks.items()}
+    return {
+        "attack": attack,
+        **Estimate.of(list(masks.values())).as_dict(),
+        "beyond": int(sum(len(ids) for ids in beyond.values())),
+        "beyond_examples": {str(seed): ids for seed, ids in beyond.items() if ids},
+    }
 
 
 def cell_masks(records: Sequence[Cell]) -> dict[tuple[str, str, float], Masks]:

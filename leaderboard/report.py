@@ -30,7 +30,9 @@ from leaderboard.metrics import (
 )
 from leaderboard.results import Cell, Results, load_results
 
-SCHEMA = "robustmatrix-leaderboard/1"
+SCHEMA = "robustmatrix-leaderboard/2"
+"""2: ``worst_case_by_threat[].reference`` (AutoAttack beside the worst case); the strongest attack
+is the one whose removal raises the worst case most."""
 
 
 def decisive_attack(worst: Mapping[tuple[str, float], Mapping[str, Any]]) -> str | None:
@@ -105,6 +107,7 @@ def _defense_entry(
             "strongest_attack": entry["strongest_attack"],
             "attacks": entry["attacks"],
             "seen": threat_is_seen(norm, eps, trained_against),
+            "reference": entry["reference"],
         }
         for (norm, eps), entry in sorted(worst.items())
     ]
@@ -126,7 +129,19 @@ def _defense_entry(
         },
         "observed": observed,
         "cells": rows,
+        "failed_attacks": _failed_attacks(results, defense_id),
     }
+
+
+def _failed_attacks(results: Results, defense_id: str) -> list[dict[str, Any]]:
+    """The attacks whose cells failed for this defense (and that the matrix still selects): at those
+    threat models the worst case is over fewer attacks than everyone else's, so the row is unranked."""
+    failed = {
+        (str(r["attack_id"]), str(r["norm"]), float(r["eps"]))
+        for r in results.failed
+        if r["defense_id"] == defense_id and not r.get("excluded")
+    }
+    return [{"attack": a, "norm": n, "eps": e} for a, n, e in sorted(failed)]
 
 
 def rank_defenses(defenses: list[dict[str, Any]]) -> list[tuple[str, float]]:
@@ -143,7 +158,8 @@ def rank_defenses(defenses: list[dict[str, Any]]) -> list[tuple[str, float]]:
         missing = [t for t in threats if t not in have]
         entry["missing_threat_models"] = [{"norm": n, "eps": e} for n, e in missing]
         values = [t["value"] for t in entry["worst_case_by_threat"]]
-        entry["worst_case"] = float(np.mean(values)) if values and not missing else None
+        complete = values and not missing and not entry["failed_attacks"]
+        entry["worst_case"] = float(np.mean(values)) if complete else None
     ranked = sorted(
         (d for d in defenses if d["worst_case"] is not None),
         key=lambda d: (-d["worst_case"], -d["clean"]["value"], d["defense"]),
@@ -228,7 +244,7 @@ class ReportError(ValueError):
 
 
 TOLERANCE = 1e-9
-FAMILIES = ("gradient", "adaptive", "score-based", "decision-based", "transfer", "noise")
+FAMILIES = ("gradient", "adaptive", "score-based", "decision-based", "transfer", "noise", "reference")
 ESTIMATE = ("value", "low", "high", "n")
 THREAT = ("norm", "eps")
 SUMMARY_NUMBERS = (
@@ -271,8 +287,10 @@ DEFENSE_KEYS = (
     "kwargs",
     "training",
     "cells",
+    "failed_attacks",
 )
-BY_THREAT_KEYS = (*THREAT, *ESTIMATE, "strongest_attack", "attacks", "seen", "relative")
+BY_THREAT_KEYS = (*THREAT, *ESTIMATE, "strongest_attack", "attacks", "seen", "relative", "reference")
+REFERENCE_KEYS = ("attack", *ESTIMATE, "beyond", "beyond_examples")
 CELL_KEYS = (
     "attack",
     "family",
@@ -513,6 +531,16 @@ def _defense(entry: Any, dataset: str, threats: set[tuple[str, float]], pooled: 
         if threat["seen"] != threat_is_seen(key[0], key[1], trained_against):
             raise ReportError(f"{here}.seen contradicts trained_against")
         _number(threat["relative"], f"{here}.relative", fraction=True, optional=True)
+        if threat["reference"] is not None:
+            reference = _object(threat["reference"], REFERENCE_KEYS, f"{here}.reference")
+            _string(reference["attack"], f"{here}.reference.attack")
+            _estimate({k: reference[k] for k in ESTIMATE}, f"{here}.reference")
+            _integer(reference["beyond"], f"{here}.reference.beyond")
+            listed = sum(
+                len(_list(ids, f"{here}.reference.beyond_examples")) for ids in reference["beyond_examples"].values()
+            )
+            if listed != reference["beyond"]:
+                raise ReportError(f"{here}.reference.beyond must count the examples it lists")
         if key in by_threat:
             raise ReportError(f"{here} is listed twice")
         by_threat[key] = threat
@@ -526,7 +554,10 @@ def _defense(entry: Any, dataset: str, threats: set[tuple[str, float]], pooled: 
         )
 
     _number(entry["worst_case"], f"{at}.worst_case", fraction=True, optional=True)
-    complete = not missing and bool(by_threat)
+    failed_attacks = _list(entry["failed_attacks"], f"{at}.failed_attacks")
+    for failed in failed_attacks:
+        _threat(failed, f"{at}.failed_attacks[]", (*THREAT, "attack"))
+    complete = not missing and bool(by_threat) and not failed_attacks
     expected = float(np.mean([t["value"] for t in by_threat.values()])) if complete else None
     _same(entry["worst_case"], expected, f"{at}.worst_case (the mean over the dataset's threat models)")
     if (entry["rank"] is None) != (entry["worst_case"] is None):
@@ -559,7 +590,8 @@ def _defense(entry: Any, dataset: str, threats: set[tuple[str, float]], pooled: 
             raise ReportError(f"{here} is listed twice")
         columns.add((cell["attack"], *key))
         worst = by_threat.get(key)
-        if worst is None or worst["value"] > cell["robust_accuracy"] + TOLERANCE:
+        beside = cell["family"] == "reference"  # compared with the worst case, not part of it
+        if worst is None or (not beside and worst["value"] > cell["robust_accuracy"] + TOLERANCE):
             raise ReportError(f"{at}: worst case above {cell['attack']} at {key[0]} {key[1]:g}")
 
     for key in SUMMARY_NUMBERS:

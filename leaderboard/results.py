@@ -15,6 +15,7 @@ CSV) costs more to import than everything this module does with it.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -124,6 +125,7 @@ def load_results(db_path: str | Path, dataset: str | None = None) -> list[Result
         cells = _read(connection, "cells", CELL_COLUMNS)
         declared = _attack_declarations(_read(connection, "attacks"))
         failures = _read(connection, "failures")
+        runs = _read(connection, "runs")
     if dataset is not None:
         trainings = [t for t in trainings if t["dataset"] == dataset]
     out = []
@@ -159,6 +161,7 @@ def load_results(db_path: str | Path, dataset: str | None = None) -> list[Result
                     declared,
                     broken if position == 0 else [],
                     tuple(_size_warnings(name, n_eval, members)),
+                    _selected_attacks(runs, name),
                 )
             )
     return out
@@ -173,6 +176,7 @@ def _section(
     declared: dict[tuple[str, str], tuple[int | None, bool]],
     broken: list[dict[str, Any]],
     warnings: tuple[str, ...],
+    selected: tuple[str, ...] | None = None,
 ) -> Results:
     trainings = []
     for evaluation in _newest(evals, ["training_key"]):
@@ -196,6 +200,9 @@ def _section(
                     "eps": float(c["eps"]),
                     "seed": int(c["seed"]),
                     "error": c["error"],
+                    # An attack the newest run's matrix no longer selects: the user excluded it.
+                    "excluded": selected is not None
+                    and not any(fnmatch.fnmatchcase(c["attack_id"], p) for p in selected),
                 }
             )
             continue
@@ -218,6 +225,18 @@ def _section(
             )
         )
     return Results(name, n_eval, trainings, ok, failed, broken, warnings)
+
+
+def _selected_attacks(runs: list[dict[str, Any]], dataset: str) -> tuple[str, ...] | None:
+    """The attack patterns of the newest run of ``dataset`` (None when no run recorded its matrix)."""
+    for run in sorted(runs, key=lambda r: int(r["run_id"]), reverse=True):
+        try:
+            config = json.loads(run["config"])
+        except (TypeError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("dataset") == dataset and isinstance(config.get("attacks"), list):
+            return tuple(str(p) for p in config["attacks"])
+    return None
 
 
 def _size_warnings(dataset: str, n_eval: int, members: dict[int, list[str]]) -> list[str]:

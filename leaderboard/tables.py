@@ -43,7 +43,7 @@ def summary_rows(data: Mapping[str, Any], *, mark_incomplete: bool = False) -> l
         {
             "rank": d["rank"],
             "defense": f"{d['defense']} {INCOMPLETE}"
-            if mark_incomplete and d["missing_threat_models"]
+            if mark_incomplete and (d["missing_threat_models"] or d["failed_attacks"])
             else d["defense"],
             "source": d["source"],
             "clean": d["clean"]["value"],
@@ -99,6 +99,26 @@ def _table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
     return tabulate(body, headers=columns, tablefmt="github", floatfmt=".3f", missingval="–")
 
 
+REFERENCE_COLUMNS = ["defense", "threat model", "reference", "AutoAttack", "worst case", "only AutoAttack"]
+
+
+def reference_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per defense and threat model with a reference evaluation: it beside the worst case."""
+    return [
+        {
+            "defense": d["defense"],
+            "threat model": f"{t['norm']} {t['eps']:g}",
+            "reference": t["reference"]["attack"],
+            "AutoAttack": t["reference"]["value"],
+            "worst case": t["value"],
+            "only AutoAttack": t["reference"]["beyond"],
+        }
+        for d in data["defenses"]
+        for t in d["worst_case_by_threat"]
+        if t.get("reference")
+    ]
+
+
 def markdown(data: Mapping[str, Any]) -> str:
     seeds = data["seeds"]
     lines = [
@@ -117,8 +137,16 @@ def markdown(data: Mapping[str, Any]) -> str:
         _table(summary_rows(data, mark_incomplete=True), SUMMARY_COLUMNS),
         "",
     ]
-    incomplete = [d for d in data["defenses"] if d["missing_threat_models"]]
+    incomplete = [d for d in data["defenses"] if d["missing_threat_models"] or d["failed_attacks"]]
     for d in incomplete:
+        if not d["missing_threat_models"]:
+            failed = ", ".join(f"{f['attack']} at {f['norm']} {f['eps']:g}" for f in d["failed_attacks"])
+            lines.append(
+                f"- **{d['defense']} {INCOMPLETE}** is not ranked: cells failed ({failed}), so its worst case is "
+                "over fewer attacks than everyone else's. Fix the attack and `run --retry-failed`, or drop it "
+                "from the matrix."
+            )
+            continue
         lines.append(
             f"- **{d['defense']} {INCOMPLETE}** is not ranked: it has no result at "
             f"{threat_list(d['missing_threat_models'])} (its cells there failed or were not run), so its worst "
@@ -136,6 +164,17 @@ def markdown(data: Mapping[str, Any]) -> str:
         for d in data["defenses"]
     ]
     lines += [_table(worst, ["defense", *(f"{n} {e:g}" for n, e in threats)]), ""]
+    checked = reference_rows(data)
+    if checked:
+        lines += [
+            "### Against the reference evaluation",
+            "",
+            'AutoAttack (the reference code, `version="standard"`) on the same checkpoints and examples, kept out '
+            "of the worst case. *only AutoAttack* counts examples it broke that every attack of the matrix missed.",
+            "",
+            _table(checked, REFERENCE_COLUMNS),
+            "",
+        ]
     flagged = [d for d in data["defenses"] if d["flags"]]
     if flagged:
         lines += ["### Masking flags", ""]

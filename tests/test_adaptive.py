@@ -134,17 +134,36 @@ def test_runner_adds_adaptive_attacks_for_observed_behaviour(runner, observed, e
 
 
 def test_cascade_members_follow_the_defense(runner):
-    members = [m for m, _ in _planned(runner, "random-resize-pad-v1", QUIET)["adaptive-worst-case-linf-v1"]["members"]]
-    assert members[0] == "eot-pgd-linf-v1", "adaptive attacks run first"
-    linf_attacks = {a for a in ATTACKS.ids() if ATTACKS.get(a).norm == "linf"}
-    paired = {a for a in linf_attacks if not a.startswith(("bpda-", "logit-", "adaptive-worst-case"))}
-    assert set(members) == paired, "every attack paired at the norm, so the worst case is over all of them"
-    families = [ATTACKS.get(m).family for m in members]
-    assert families == sorted(families, key=FAMILY_ORDER.__getitem__), "adaptive, white-box, then the rest"
-    assert members.index("fgsm-linf-v1") < members.index("apgd-ce-linf-v1"), "cheapest first within a family"
     every = [ATTACKS.get(a) for a in ATTACKS.ids()]
+    # What the cascade starts from: every attack paired at the norm, in cascade order.
+    linf = [m.id for m in cascade_members(ATTACKS.get("adaptive-worst-case-linf-v1"), every)]
+    families = [ATTACKS.get(m).family for m in linf]
+    assert families == sorted(families, key=FAMILY_ORDER.__getitem__), "adaptive, white-box, then the rest"
+    assert linf.index("fgsm-linf-v1") < linf.index("apgd-ce-linf-v1"), "cheapest first within a family"
+    assert not any(m.startswith(("adaptive-worst-case", "autoattack")) for m in linf), "no cascade, no reference"
     l2 = [m.id for m in cascade_members(ATTACKS.get("adaptive-worst-case-l2-v1"), every)]
-    assert "cw-l2-v1" in l2 and "hopskipjump-l2-v1" in l2 and not any(m.startswith("adaptive") for m in l2)
+    assert "cw-l2-v1" in l2 and "hopskipjump-l2-v1" in l2
+    # What it re-runs at its grade: only the adaptive attacks the defense needs, then its stages.
+    randomized = _planned(runner, "random-resize-pad-v1", QUIET)["adaptive-worst-case-linf-v1"]
+    assert [m for m, _ in randomized["members"]] == ["eot-pgd-linf-v1"]
+    assert [s for s, _ in randomized["stages"]][0] == "apgd-ce-linf-v1" and randomized["bpda"] is False
+    quantized = _planned(runner, "bit-depth-v1", QUIET)["adaptive-worst-case-linf-v1"]
+    assert [m for m, _ in quantized["members"]] == ["bpda-pgd-linf-v1"] and quantized["bpda"] is True
+    assert _planned(runner, "standard-v1", QUIET)["adaptive-worst-case-linf-v1"]["members"] == []
+
+
+def test_the_cascade_raises_its_adaptive_members_to_its_grade_and_never_lowers_them():
+    cascade = AdaptiveWorstCase(
+        0.1,
+        "linf",
+        members=[["eot-pgd-linf-v1", {"steps": 5}], ["bpda-pgd-linf-v1", {"steps": 400}]],
+        stages=[["apgd-ce-linf-v1", {"steps": 10}]],
+        bpda=True,
+    )
+    eot, bpda, apgd = cascade.members
+    assert eot.steps == 100 and eot.eot_samples == 6, "raised to the grade, its own EOT kept"
+    assert bpda.steps == 400, "a bigger budget is never lowered"
+    assert apgd.steps == 10 and apgd.bpda, "a non-differentiable defense's stages go through BPDA"
 
 
 # ---------------------------------------------------------------------------------------- cascade
@@ -160,7 +179,7 @@ def test_cascade_is_never_weaker_than_its_members_and_costs_less(standard_digits
         ["pgd-margin-linf-v1", {"random_start": False, "steps": 10}],
     ]
     victim_counter = PassCounter()
-    cascade = AdaptiveWorstCase(0.1, "linf", members)
+    cascade = AdaptiveWorstCase(0.1, "linf", stages=members)
     x_adv = cascade(Victim(CountingModel(standard_digits.deployed, victim_counter), 10), x, y)
     cascade_robust = predict(standard_digits.deployed, x_adv) == y
     total = 0

@@ -36,6 +36,9 @@ steps = 5
 [attack_kwargs."eot-pgd-linf-v1"]
 steps = 4
 eot_samples = 2
+[attack_kwargs."adaptive-worst-case-linf-v1"]
+grade = { steps = 8 }
+stages = [["apgd-ce-linf-v1", { steps = 10 }], ["square-linf-v1", { queries = 50 }]]
 """
 
 
@@ -78,8 +81,10 @@ def test_the_cascade_attacks_only_the_survivors_of_its_members(randomized_run):
         cascade = cells[("adaptive-worst-case-linf-v1", eps)]
         kwargs = json.loads(cascade["attack_kwargs"])
         assert kwargs["members"][0][0] == "eot-pgd-linf-v1", "a randomized defense's cascade opens with EOT"
-        # Every member runs at most its declared budget on each survivor, plus the confirming passes.
-        per_example, _ = AdaptiveWorstCase(eps, "linf", kwargs["members"]).max_passes_per_example()
+        # Every stage runs at most its declared budget on each survivor, plus the confirming passes.
+        per_example, _ = AdaptiveWorstCase(
+            eps, "linf", kwargs["members"], kwargs["stages"], kwargs["grade"]
+        ).max_passes_per_example()
         assert cascade["forwards"] <= int(survivors.sum()) * per_example
         assert (cascade["forwards"] > 0) == bool(survivors.any()), "it runs exactly when something survived"
         clean = decode_mask(cascade["robust_mask"], 80) | decode_mask(cascade["success_mask"], 80)

@@ -146,3 +146,50 @@ epochs = 2
         "raising-linf-v1": "ValueError: deliberately raising attack",
         "stuck-linf-v1": "timeout: cell exceeded its time budget of 3 s",
     }
+
+
+@pytest.mark.parametrize(
+    "component, fragment",
+    [
+        ("harness", "the worker's harness (version"),
+        ("library:torch", "the worker's library:torch (version"),
+        ("defense:standard-v1", "the worker's defense:standard-v1 (version"),
+    ],
+)
+def test_a_worker_with_other_code_than_the_driver_stores_nothing_under_the_drivers_keys(
+    local_ray, tmp_path, monkeypatch, component, fragment
+):
+    """The driver claims other versions than the workers have (as after an upgrade on the driver
+    only): every task compares, and the jobs fail with the component named instead of running."""
+    import bench.execution.ray_executor as ray_executor
+
+    real = ray_executor.code_versions
+    monkeypatch.setattr(ray_executor, "code_versions", lambda job: {**real(job), component: "driver-only"})
+    config = write_matrix(tmp_path / "matrix.toml", TINY_MATRIX)
+    db = tmp_path / "r.db"
+    result = run_cli("run", "--config", str(config), "--quiet", "--executor", "ray", "--db", str(db))
+    assert result.code == 1, result.stderr
+    assert fragment in result.stderr and "differs from the driver's (driver-only)" in result.stderr
+    connection = sqlite3.connect(db)
+    try:
+        assert connection.execute("SELECT COUNT(*) FROM cells WHERE status = 'ok'").fetchone() == (0,)
+    finally:
+        connection.close()
+
+
+def test_a_cell_checks_every_attack_its_cascade_runs(tmp_path):
+    from bench.execution.jobs import CellJob, TrainingJob
+    from bench.execution.ray_executor import code_versions, version_mismatch
+
+    training = TrainingJob("t" * 32, "standard-v1", {}, "digits", 0, "x.pt")
+    cell = CellJob(
+        cell_key="c" * 32, training=training, attack_id="adaptive-worst-case-linf-v1", attack_version="v",
+        attack_kwargs={}, family="adaptive", norm="linf", eps=0.1, bounded=True, n_eval=10, batch_size=10,
+        clean_mask=b"", bpda_fallback=False, surrogate=None, timeout=None, members=(),
+        member_versions=(("apgd-ce-linf-v1", "v"), ("square-linf-v1", "v")),
+    )  # fmt: skip
+    expected = code_versions(cell)
+    assert {"attack:adaptive-worst-case-linf-v1", "attack:apgd-ce-linf-v1", "attack:square-linf-v1"} <= set(expected)
+    assert version_mismatch(cell, expected) is None
+    tampered = {**expected, "attack:square-linf-v1": "other"}
+    assert "the worker's attack:square-linf-v1" in version_mismatch(cell, tampered)

@@ -241,3 +241,76 @@ def test_a_database_written_before_the_operations_tables_gains_them_on_open(tmp_
         store.put_failure("k" * 32, "training", "standard-v1", "digits", 0, "boom")
         store.link_run_cells(store.start_run("run", {}, "cpu", {}, None), ["c" * 32])
         assert store.failure("k" * 32)["error"] == "boom"
+
+
+CHEATING = (
+    HEADER
+    + '''
+class Callable:
+    """Plain callables, not Attack subclasses: only the scorer stands between them and the worst case."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+
+class OutsideBall(Callable):
+    def __call__(self, victim, x, y):
+        return (x + 2 * self.eps * torch.randn_like(x).sign()).clamp(0, 1)
+
+
+class OutsideBox(Callable):
+    def __call__(self, victim, x, y):
+        return x + 0.5 * self.eps
+
+
+class WrongShape(Callable):
+    def __call__(self, victim, x, y):
+        return x[:-1]
+
+
+for name, factory in (("outside-ball", OutsideBall), ("outside-box", OutsideBox), ("wrong-shape", WrongShape)):
+    register_attack(f"{name}-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))(
+        factory
+    )
+'''
+)
+
+
+def test_every_batch_of_a_plain_callable_attack_is_checked_for_ball_box_and_shape(tmp_path):
+    with components(tmp_path / "mods", CHEATING):
+        attacks = ["fgsm-linf-v1", "outside-ball-linf-v1", "outside-box-linf-v1", "wrong-shape-linf-v1"]
+        config = _matrix(tmp_path, ["standard-v1"], attacks)
+        result = run_cli("run", "--config", str(config), "--quiet", cwd=tmp_path)
+        assert result.code == 1, result.stderr
+        db = tmp_path / "results" / "robustmatrix.db"
+        cells = {(a, e): (s, err) for a, e, s, err in _rows(db, "SELECT attack_id, eps, status, error FROM cells")}
+        for eps in (0.1, 0.3):
+            assert cells[("fgsm-linf-v1", eps)] == ("ok", None)
+            status, error = cells[("outside-ball-linf-v1", eps)]
+            assert status == "failed" and "left the linf ball" in error and f"> eps {eps}" in error
+            status, error = cells[("outside-box-linf-v1", eps)]
+            assert status == "failed" and "left the [0, 1] image box" in error
+            status, error = cells[("wrong-shape-linf-v1", eps)]
+            assert status == "failed" and "returned shape" in error
+
+
+def test_a_defense_whose_cells_failed_is_unranked_with_the_failed_attacks_named_until_they_are_dropped(tmp_path):
+    from leaderboard.report import build_report
+
+    with components(tmp_path / "mods", FAULTY):
+        config = _matrix(tmp_path, ["standard-v1"], ["fgsm-linf-v1", "raising-linf-v1"])
+        assert run_cli("run", "--config", str(config), "--quiet", cwd=tmp_path).code == 1
+        db = tmp_path / "results" / "robustmatrix.db"
+        (entry,) = build_report(db)["datasets"][0]["defenses"]
+        assert entry["rank"] is None and entry["worst_case"] is None, "a failed attack leaves the worst case open"
+        assert entry["failed_attacks"] == [
+            {"attack": "raising-linf-v1", "norm": "linf", "eps": eps} for eps in (0.1, 0.3)
+        ]
+        board = run_cli("leaderboard", "--db", str(db), "--out", str(tmp_path / "board"), cwd=tmp_path)
+        assert board.code == 0, board.stderr
+        assert "cells failed (raising-linf-v1 at linf 0.1" in (tmp_path / "board" / "leaderboard.md").read_text()
+        # The user drops the broken attack from the matrix: the defense is ranked again.
+        config = _matrix(tmp_path, ["standard-v1"], ["fgsm-linf-v1"])
+        assert run_cli("run", "--config", str(config), "--quiet", cwd=tmp_path).code == 0
+        (entry,) = build_report(db)["datasets"][0]["defenses"]
+        assert entry["rank"] == 1 and entry["failed_attacks"] == []

@@ -712,3 +712,76 @@ def test_defenses_evaluated_on_another_n_eval_get_their_own_section_and_a_warnin
 def test_a_single_evaluation_size_has_no_warning(tmp_path):
     db = write_database(tmp_path / "r.db", [FakeDefense("a-v1", {("pgd-linf-v1", 0.2): 0.5})])
     assert build_report(db)["datasets"][0]["warnings"] == []
+
+
+# ----------------------------------------------------------------------------- reference and contribution
+
+
+def _breaking(n: int, *ranges: tuple[int, int]) -> np.ndarray:
+    """A robust mask over n examples, broken on the half-open ``ranges``."""
+    robust = np.ones(n, dtype=bool)
+    for start, stop in ranges:
+        robust[start:stop] = False
+    return robust
+
+
+def test_autoattack_sits_beside_the_worst_case_never_in_it_and_its_extra_breaks_are_flagged(tmp_path):
+    ours = _breaking(100, (40, 100))
+    autoattack = _breaking(100, (38, 100))  # two examples (38, 39) only AutoAttack broke
+    db = write_database(
+        tmp_path / "r.db",
+        [FakeDefense("d-v1", {("pgd-linf-v1", 0.2): ours, ("autoattack-standard-linf-v1", 0.2): autoattack})],
+        attacks={"autoattack-standard-linf-v1": ("reference", None, "linf")},
+    )
+    (dataset,) = build_report(db)["datasets"]
+    (entry,) = dataset["defenses"]
+    (threat,) = entry["worst_case_by_threat"]
+    assert threat["value"] == pytest.approx(0.40), "the reference is not part of the worst case"
+    assert threat["reference"]["value"] == pytest.approx(0.38)
+    assert threat["reference"]["beyond"] == 2 and threat["reference"]["beyond_examples"] == {"0": [38, 39]}
+    (flag,) = [f for f in entry["flags"] if f["key"] == "weaker-than-reference"]
+    assert "2 examples only it broke" in flag["evidence"] and "[38, 39]" in flag["evidence"]
+    write_leaderboard(db, tmp_path / "out")
+    assert "### Against the reference evaluation" in (tmp_path / "out" / "leaderboard.md").read_text()
+
+
+def test_no_flag_when_the_worst_case_breaks_everything_autoattack_does(tmp_path):
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense(
+                "d-v1",
+                {
+                    ("pgd-linf-v1", 0.2): _breaking(100, (40, 100)),
+                    ("autoattack-standard-linf-v1", 0.2): _breaking(100, (45, 100)),
+                },
+            )
+        ],
+        attacks={"autoattack-standard-linf-v1": ("reference", None, "linf")},
+    )
+    (entry,) = build_report(db)["datasets"][0]["defenses"]
+    assert entry["worst_case_by_threat"][0]["reference"]["beyond"] == 0
+    assert not [f for f in entry["flags"] if f["key"] == "weaker-than-reference"]
+
+
+def test_the_strongest_attack_is_the_one_whose_removal_raises_the_worst_case_most(tmp_path):
+    """PGD and its margin variant break the same 60 examples (lowest mean, but each is redundant);
+    Square breaks fewer, yet 5 of them nobody else does: without Square the worst case rises."""
+    db = write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense(
+                "d-v1",
+                {
+                    ("pgd-linf-v1", 0.2): _breaking(100, (40, 100)),
+                    ("pgd-margin-linf-v1", 0.2): _breaking(100, (40, 100)),
+                    ("square-linf-v1", 0.2): _breaking(100, (0, 5), (60, 100)),
+                },
+            )
+        ],
+    )
+    (entry,) = build_report(db)["datasets"][0]["defenses"]
+    (threat,) = entry["worst_case_by_threat"]
+    assert threat["value"] == pytest.approx(0.35)
+    assert threat["strongest_attack"] == "square-linf-v1"
+    assert entry["strongest_attack"] == "square-linf-v1"

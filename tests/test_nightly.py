@@ -210,3 +210,20 @@ def test_a_slowdown_is_timed_on_re_run_cells_only_and_a_dropped_cell_is_a_regres
     dropped = compare(previous, current)
     assert dropped["dropped_cells"] == ["digits/a-v1/pgd-linf-v1/linf 0.2/seed 0/n 100"]
     assert dropped["regressed"] and "no longer covered" in " ".join(dropped["reasons"])
+
+
+def test_the_nightly_worst_case_is_the_leaderboards_nested_over_eps(tmp_path):
+    import numpy as np
+
+    from bench.commands.nightly import worst_cases
+    from tests.leaderboard_data import FakeDefense, write_database
+
+    small, large = np.ones(100, dtype=bool), np.ones(100, dtype=bool)
+    small[:10] = False  # broken within eps 0.1 ...
+    large[20:] = False  # ... and the eps-0.2 run happened to miss them
+    db = write_database(
+        tmp_path / "r.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.1): small, ("pgd-linf-v1", 0.2): large})]
+    )
+    threats = worst_cases(db, {"d-v1"})["d-v1"]["threats"]
+    assert threats["linf 0.1"]["accuracy"] == 0.9
+    assert threats["linf 0.2"]["accuracy"] == 0.1, "what broke at 0.1 is broken at 0.2 too"

@@ -216,8 +216,25 @@ def test_bad_kwarg_values_are_caught_before_any_work_naming_the_kwarg():
 def test_every_builtin_validates_with_its_defaults_quickly():
     for spec in DEFENSES:
         spec.validate("digits")
+    from attacks.autoattack_reference import autoattack_available
+
     for spec in ATTACKS:
+        if spec.family == "reference" and not autoattack_available():
+            with pytest.raises(RobustMatrixError, match="needs the reference autoattack package: pip install"):
+                spec.validate("digits", None, [0.1])
+            continue
         spec.validate("digits", None, spec.eps_grid or [0.1, 0.3])
+
+
+def test_a_wildcard_never_selects_the_reference_evaluation_unless_it_spells_its_name():
+    everything = [s.id for s in ATTACKS.select(["*"])]
+    assert not [i for i in everything if i.startswith("autoattack-")]
+    assert "autoattack-standard-linf-v1" not in [s.id for s in ATTACKS.select(["*-linf-v1"])]
+    assert [s.id for s in ATTACKS.select(["autoattack-*"])] == [
+        "autoattack-standard-l2-v1",
+        "autoattack-standard-linf-v1",
+    ]
+    assert [s.id for s in ATTACKS.select(["autoattack-standard-l2-v1"])] == ["autoattack-standard-l2-v1"]
 
 
 def test_unknown_ids_name_the_closest_of_both_registries():

@@ -315,10 +315,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         git_commit=_git_commit(),
     )
     summary = result.summary
-    if shard is None:
+    if shard is None and (summary.trained or summary.computed or summary.skipped or not summary.failed):
         written = _write_leaderboard(db_path, out_dir)
         print(written[0].read_text())
         where = f"leaderboard in {out_dir}/"
+    elif shard is None:  # every job failed: the failures are the report, there is no table to build
+        where = "no leaderboard: nothing completed"
     else:
         where = f"shard {shard}; merge the shards with `robustmatrix merge ... --into DB`"
     print(

@@ -25,7 +25,6 @@ it plots every defense's worst case over all nightly runs (``nightly-history.png
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.execution.runner import RunSummary
-from bench.storage.store import Store, decode_mask
+from bench.storage.store import Store
 from leaderboard.metrics import wilson_interval
 
 HISTORY_PLOT = "nightly-history.png"
@@ -65,6 +64,27 @@ def flags_by_defense(db_path: str | Path) -> dict[str, set[str]]:
     return flags
 
 
+def worst_cases(db_path: str | Path, defenses: set[str]) -> dict[str, Any]:
+    """Per defense and threat model, the leaderboard's own worst case (per example, nested over eps,
+    reference evaluations beside it, not in it): one definition, so the nightly report and the
+    leaderboard never disagree. ``mean`` is over the defense's threat models."""
+    from leaderboard.report import build_report
+
+    out: dict[str, Any] = {}
+    for data in build_report(db_path)["datasets"]:
+        for entry in data["defenses"]:
+            if entry["defense"] not in defenses:
+                continue
+            threats = {
+                f"{t['norm']} {t['eps']:g}": {"accuracy": t["value"], "n": t["n"]}
+                for t in entry["worst_case_by_threat"]
+            }
+            if threats:
+                mean = float(np.mean([t["accuracy"] for t in threats.values()]))
+                out[entry["defense"]] = {"threats": threats, "mean": mean}
+    return out
+
+
 # ------------------------------------------------------------------------------------ snapshot
 def cell_id(cell: Mapping[str, Any]) -> str:
     """What makes two cells of different runs 'the same cell' (their keys differ once code changes)."""
@@ -81,7 +101,7 @@ def take_snapshot(store: Store, run_id: int, summary: RunSummary) -> dict[str, A
         "SELECT c.* FROM cells c JOIN run_cells r ON r.cell_key = c.cell_key WHERE r.run_id = ? ORDER BY c.cell_key",
         (run_id,),
     ).fetchall()
-    cells, masks = [], defaultdict(list)
+    cells = []
     for row in rows:
         ok = row["status"] == "ok"
         attacked = round(row["clean_accuracy"] * row["n_eval"]) if ok else 0
@@ -104,9 +124,6 @@ def take_snapshot(store: Store, run_id: int, summary: RunSummary) -> dict[str, A
             "computed": row["cell_key"] in summary.computed_keys,
         }
         cells.append(cell)
-        if ok:
-            threat = (row["defense_id"], row["norm"], row["eps"], row["n_eval"])
-            masks[threat].append((row["seed"], decode_mask(row["robust_mask"], row["n_eval"])))
     covered = {c["defense_id"] for c in cells}
     return {
         "run": {
@@ -117,28 +134,13 @@ def take_snapshot(store: Store, run_id: int, summary: RunSummary) -> dict[str, A
             "device": run["device"],
         },
         "cells": cells,
-        "worst_case": _worst_cases(masks),
+        "worst_case": worst_cases(store.path, covered),
         "flags": {d: sorted(f) for d, f in flags_by_defense(store.path).items() if d in covered},
         "attack_speed": _attack_speed(cells),
         "defenses": sorted(covered),
         "attacks": sorted({c["attack_id"] for c in cells}),
         "failures": [list(f) for f in summary.failed],
     }
-
-
-def _worst_cases(masks: Mapping[tuple, list[tuple[int, np.ndarray]]]) -> dict[str, Any]:
-    """Per defense and threat model: an example is robust only if every attack failed on it (per
-    seed), averaged over seeds; and the mean over threat models, as the leaderboard shows it."""
-    out: dict[str, Any] = defaultdict(lambda: {"threats": {}})
-    for (defense_id, norm, eps, n_eval), seeded in sorted(masks.items()):
-        by_seed: dict[int, list[np.ndarray]] = defaultdict(list)
-        for seed, mask in seeded:
-            by_seed[seed].append(mask)
-        accuracy = float(np.mean([np.mean(np.logical_and.reduce(m)) for m in by_seed.values()]))
-        out[defense_id]["threats"][f"{norm} {eps:g}"] = {"accuracy": accuracy, "n": n_eval * len(by_seed)}
-    for entry in out.values():
-        entry["mean"] = float(np.mean([t["accuracy"] for t in entry["threats"].values()]))
-    return dict(out)
 
 
 def _attack_speed(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -61,8 +61,59 @@ def import_ray(local: bool) -> Any:
     return ray
 
 
-# ----------------------------------------------------------------------------- worker side
+# ----------------------------------------------------------------------------- versions
 _VERSIONS: dict[str, str] = {}
+
+
+def code_versions(job: Job) -> dict[str, str]:
+    """Everything whose code determines a job's result, as this process has it: the harness
+    (RESULTS_VERSION), the keyed libraries, the architectures, the defense (and the surrogate) and,
+    for a cell, its attack and every attack a cascade runs. The driver computes it when it submits,
+    the worker again before it runs: a worker with other code would store results under the
+    driver's keys."""
+    import inspect
+
+    import bench.foundation.models
+    from bench.foundation.keys import RESULTS_VERSION, digest, keyed_versions
+    from bench.foundation.registry import ATTACKS, DEFENSES
+
+    def cached(kind: str, spec_id: str) -> str:
+        name = f"{kind}:{spec_id}"
+        if name not in _VERSIONS:
+            registry = DEFENSES if kind == "defense" else ATTACKS
+            _VERSIONS[name] = registry.get(spec_id).code_version()
+        return _VERSIONS[name]
+
+    if "models" not in _VERSIONS:
+        _VERSIONS["models"] = digest(inspect.getsource(bench.foundation.models))
+    out = {"harness": str(RESULTS_VERSION), "models": _VERSIONS["models"]}
+    out.update({f"library:{name}": version for name, version in keyed_versions().items()})
+    training = job if isinstance(job, TrainingJob) else job.training
+    out[f"defense:{training.defense_id}"] = cached("defense", training.defense_id)
+    if isinstance(job, CellJob):
+        if job.surrogate is not None:
+            out[f"defense:{job.surrogate.defense_id}"] = cached("defense", job.surrogate.defense_id)
+        for attack_id in (job.attack_id, *(member for member, _ in job.member_versions)):
+            out[f"attack:{attack_id}"] = cached("attack", attack_id)
+    return out
+
+
+def version_mismatch(job: Job, expected: Mapping[str, str]) -> str | None:
+    """The first component whose code on this worker differs from the driver's, as one line."""
+    try:
+        here = code_versions(job)
+    except RobustMatrixError as exc:
+        return f"on the Ray worker: {exc}"
+    for name, version in expected.items():
+        if here.get(name) != version:
+            return (
+                f"the worker's {name} (version {here.get(name, 'absent')}) differs from the driver's "
+                f"({version}); install the same code on every worker"
+            )
+    return None
+
+
+# ----------------------------------------------------------------------------- worker side
 
 
 def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: bytes | None) -> None:
@@ -79,49 +130,44 @@ def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: byt
     os.replace(tmp, path)
 
 
-def train_task(settings: WorkerSettings, job: TrainingJob) -> tuple[Outcome | JobFailure, bytes | None]:
-    bench = workbench_for(settings)
+def train_task(
+    settings: WorkerSettings, job: TrainingJob, expected: Mapping[str, str]
+) -> tuple[Outcome | JobFailure, bytes | None]:
+    bench = workbench_for(settings)  # loads the components, whose versions are compared next
+    mismatch = version_mismatch(job, expected)
+    if mismatch:
+        return job_failed(job, mismatch), None
     outcome = run_job(bench, job)
     if not isinstance(outcome, TrainingRecord):
         return outcome, None
     return outcome, (bench.checkpoint_dir / job.checkpoint).read_bytes()
 
 
-def evaluate_task(settings: WorkerSettings, job: EvaluationJob, checkpoint: bytes) -> Outcome | JobFailure:
+def evaluate_task(
+    settings: WorkerSettings, job: EvaluationJob, checkpoint: bytes, expected: Mapping[str, str]
+) -> Outcome | JobFailure:
     bench = workbench_for(settings)
+    mismatch = version_mismatch(job, expected)
+    if mismatch:
+        return job_failed(job, mismatch)
     _materialize(bench, job.training, checkpoint)
     return run_job(bench, job)
 
 
 def cell_task(
-    settings: WorkerSettings, job: CellJob, checkpoint: bytes, surrogate_checkpoint: bytes | None
+    settings: WorkerSettings,
+    job: CellJob,
+    checkpoint: bytes,
+    surrogate_checkpoint: bytes | None,
+    expected: Mapping[str, str],
 ) -> Outcome | JobFailure:
     bench = workbench_for(settings)
-    _materialize(bench, job.training, checkpoint)
-    _materialize(bench, job.surrogate, surrogate_checkpoint)
-    mismatch = _version_mismatch(job)
+    mismatch = version_mismatch(job, expected)
     if mismatch:
         return failed_cell(job, mismatch, device=str(bench.foundation.device))
+    _materialize(bench, job.training, checkpoint)
+    _materialize(bench, job.surrogate, surrogate_checkpoint)
     return run_job(bench, job)
-
-
-def _version_mismatch(job: CellJob) -> str | None:
-    """A worker with other code than the driver would store results under the wrong key: the
-    cell's attack and, for a cascade, every member it runs must match the driver's versions."""
-    from bench.foundation.registry import ATTACKS
-
-    for attack_id, expected in ((job.attack_id, job.attack_version), *job.member_versions):
-        try:
-            if attack_id not in _VERSIONS:
-                _VERSIONS[attack_id] = ATTACKS.get(attack_id).code_version()
-        except RobustMatrixError as exc:
-            return f"on the Ray worker: {exc}"
-        if _VERSIONS[attack_id] != expected:
-            return (
-                f"the worker's code of {attack_id} (version {_VERSIONS[attack_id]}) differs from the "
-                f"driver's ({expected}); install the same code on every worker"
-            )
-    return None
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -179,15 +225,16 @@ class RayExecutor(Executor):
 
     # ------------------------------------------------------------------------- submitting
     def submit(self, job: Job) -> None:
+        expected = code_versions(job)
         if isinstance(job, TrainingJob):
-            record_ref, checkpoint_ref = self._train.remote(self.settings, job)
+            record_ref, checkpoint_ref = self._train.remote(self.settings, job, expected)
             self._pending[record_ref] = _Pending(job, checkpoint_ref)
             return
         if isinstance(job, EvaluationJob):
-            ref = self._evaluate.remote(self.settings, job, self._checkpoint(job.training))
+            ref = self._evaluate.remote(self.settings, job, self._checkpoint(job.training), expected)
         else:
             surrogate = self._checkpoint(job.surrogate) if job.surrogate is not None else None
-            ref = self._cell.remote(self.settings, job, self._checkpoint(job.training), surrogate)
+            ref = self._cell.remote(self.settings, job, self._checkpoint(job.training), surrogate, expected)
         self._pending[ref] = _Pending(job)
 
     def _checkpoint(self, training: TrainingJob) -> Any:

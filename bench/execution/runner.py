@@ -27,7 +27,7 @@ from bench.execution.workbench import failed_cell
 from bench.foundation.config import MatrixSpec
 from bench.foundation.data import Dataset
 from bench.foundation.errors import RobustMatrixError
-from bench.foundation.keys import RESULTS_VERSION, digest
+from bench.foundation.keys import RESULTS_VERSION, digest, keyed_versions
 from bench.foundation.kwargs import validate_kwarg_tables
 from bench.foundation.models import architecture_name
 from bench.foundation.registry import ATTACKS, DEFENSES
@@ -81,24 +81,30 @@ def applies(attack: AttackSpec, nature: Mapping[str, Any], observed: Mapping[str
     return False
 
 
-FAMILY_ORDER = {"adaptive": 0, "gradient": 1, "score-based": 2, "decision-based": 3, "transfer": 4, "noise": 5}
+FAMILY_ORDER = {
+    family: rank
+    for rank, family in enumerate(
+        ("adaptive", "gradient", "score-based", "decision-based", "transfer", "noise", "reference")
+    )
+}
 """Cascade order: attacks the defense's nature calls for first, then white-box, then the rest."""
 
 
 def is_cascade(attack: AttackSpec) -> bool:
-    """A cascade (the adaptive worst case) takes its members as a kwarg."""
-    return "members" in attack.kwargs
+    """A cascade (the adaptive worst case) takes its escalation stages as a kwarg."""
+    return "stages" in attack.kwargs
 
 
 def cascade_members(
     cascade: AttackSpec, paired: list[AttackSpec], kwargs: Mapping[str, Mapping[str, Any]] | None = None
 ) -> list[AttackSpec]:
-    """What a cascade runs for a defense: every other attack paired with the defense at the cascade's
-    norm — so its worst case is over all of them — in cascade order: the adaptive attacks the defense's
-    nature calls for, then white-box, score-based, decision-based, transfer and noise; within a family,
-    the cheapest first (a cheap attack that succeeds spares the expensive ones that example), costed
-    with the matrix's ``kwargs`` per attack id where given."""
-    members = [a for a in paired if a.norm == cascade.norm and not is_cascade(a)]
+    """Every other attack paired with the defense at the cascade's norm — the cells whose results the
+    cascade starts from, so its worst case is over all of them — in cascade order: the adaptive
+    attacks the defense's nature calls for, then white-box, score-based, decision-based, transfer
+    and noise; within a family, the cheapest first, costed with the matrix's ``kwargs`` per attack
+    id where given. The cascade itself re-runs only the adaptive ones, at its grade."""
+    # A reference attack (AutoAttack itself) is what the cascade is checked against, not a source.
+    members = [a for a in paired if a.norm == cascade.norm and not is_cascade(a) and a.family != "reference"]
     costs = {a.id: _cost(a, (kwargs or {}).get(a.id)) for a in members}
     return sorted(members, key=lambda a: (FAMILY_ORDER.get(a.family, 9), costs[a.id], a.id))
 
@@ -145,6 +151,7 @@ class Runner:
         self.progress = progress or Progress(enabled=False)
         self.retry_failed = retry_failed
         self._models_version = digest(inspect.getsource(bench.foundation.models))
+        self._libraries = keyed_versions()
         dataset.eval_indices(spec.n_eval)
         self.defenses: list[DefenseSpec] = DEFENSES.select(list(spec.defenses))  # type: ignore[assignment]
         self.attacks: list[AttackSpec] = ATTACKS.select(list(spec.attacks))  # type: ignore[assignment]
@@ -193,6 +200,7 @@ class Runner:
                 "seed": seed,
                 "architecture": architecture_name(self.spec.dataset),
                 "models": self._models_version,
+                "libraries": self._libraries,
                 "harness": RESULTS_VERSION,
             }
         )
@@ -225,18 +233,24 @@ class Runner:
                 jobs.append(self._cell_job(training, evaluation, attack, kwargs, eps, bpda_fallback, surrogate))
         for cascade in cascades:
             members = cascade_members(cascade, paired, self.attack_kwargs)
-            kwargs = {**self.attack_kwargs[cascade.id], "members": [[m.id, self.attack_kwargs[m.id]] for m in members]}
-            needs_surrogate = any(m.needs_surrogate for m in members)
+            adaptive = [m for m in members if m.family == "adaptive"]
+            kwargs = {
+                **self.attack_kwargs[cascade.id],
+                "members": [[m.id, self.attack_kwargs[m.id]] for m in adaptive],
+                "bpda": not nature.get("differentiable", True) or bpda_fallback,
+            }
+            needs_surrogate = any(m.needs_surrogate for m in adaptive)
             surrogate = surrogates.get(training.seed) if needs_surrogate else None
             member_ids = {m.id for m in members}
+            runs = [*adaptive, *(ATTACKS.get(stage) for stage, _ in kwargs["stages"])]
             for eps in self.eps_grid(cascade):
                 # The members' own cells at this eps: the cascade's key covers their keys (so a change
                 # to any member's code or kwargs re-runs the cascade), and it waits for their results.
                 after = sorted(j.cell_key for j in jobs if j.attack_id in member_ids and j.eps == float(eps))
+                versions = tuple((m.id, m.code_version()) for m in runs)
                 jobs.append(
-                    replace(
-                        self._cell_job(training, evaluation, cascade, kwargs, eps, bpda_fallback, surrogate, after),
-                        member_versions=tuple((m.id, self.attack_versions[m.id]) for m in members),
+                    self._cell_job(
+                        training, evaluation, cascade, kwargs, eps, bpda_fallback, surrogate, after, versions
                     )
                 )
         return jobs
@@ -251,6 +265,7 @@ class Runner:
         bpda_fallback: bool,
         surrogate: TrainingJob | None,
         after: list[str] | None = None,
+        member_versions: tuple[tuple[str, str], ...] = (),
     ) -> CellJob:
         payload = {
             "training": training.training_key,
@@ -261,10 +276,14 @@ class Runner:
             "n_eval": self.spec.n_eval,
             "bpda_fallback": bpda_fallback,
             "surrogate": surrogate.training_key if surrogate else None,
+            # The seeded stream is drawn batch by batch: another batch size, other examples.
+            "batch_size": self.spec.batch_size,
+            "libraries": self._libraries,
             "harness": RESULTS_VERSION,
         }
         if after is not None:
             payload["members"] = after
+            payload["member_versions"] = [list(pair) for pair in member_versions]
         return CellJob(
             cell_key=digest(payload),
             training=training,
@@ -282,6 +301,7 @@ class Runner:
             surrogate=surrogate,
             timeout=self.spec.cell_timeout,
             members=tuple(after) if after is not None else None,
+            member_versions=member_versions,
         )
 
     # -------------------------------------------------------------------------------- run

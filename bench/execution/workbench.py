@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import Victim, perturbation_norm
+from attacks.base import Victim, perturbation_norm, threat_model_violation
 from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
 from bench.execution.probes import observe
 from bench.execution.timebudget import Budget, TimeBudgetExceeded, time_budget
@@ -334,6 +334,9 @@ class Workbench:
                 x_adv = attack.within_eps(x[index], minimal[start : start + job.batch_size])
                 attack._check(x[index], x_adv)
             _require_finite(x_adv, "the attack's adversarial examples")
+            problem = threat_model_violation(x[index], x_adv, job.norm, job.eps)
+            if problem is not None:  # any attack, a plugin's plain callable included
+                raise RobustMatrixError(f"attack {job.attack_id} {problem}")
             with torch.no_grad():
                 logits = deployed(x_adv)
             _require_finite(logits, "the defense's outputs on the adversarial examples")
@@ -380,6 +383,7 @@ def minimal_run_key(job: CellJob) -> str:
             "version": job.attack_version,
             "kwargs": job.attack_kwargs,
             "n_eval": job.n_eval,
+            "batch_size": job.batch_size,
             "bpda_fallback": job.bpda_fallback,
             "clean": job.clean_mask.hex(),
         }

@@ -41,6 +41,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+KEYED_LIBRARIES = ("torch", "numpy", "art")
+"""Third-party code whose version changes results: torch and numpy run every component (kernels,
+random streams), ART runs DeepFool, HopSkipJump, JPEG and the median filter. Every key carries
+their versions, so after an upgrade nothing stale is reused and the nightly job sees the change."""
+
+
+def keyed_versions() -> dict[str, str]:
+    """The versions every cache key includes (a subset of :func:`versions`)."""
+    recorded = versions()
+    return {name: recorded[name] for name in KEYED_LIBRARIES}
+
+
 def versions() -> dict[str, str]:
     """Versions recorded with every result."""
 

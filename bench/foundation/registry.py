@@ -78,11 +78,18 @@ class Registry:
 
     def select(self, patterns: list[str]) -> list[Spec]:
         """Resolve ids and wildcards, in order, without duplicates. A literal id must exist; a
-        wildcard must match something."""
+        wildcard must match something. A reference evaluation (AutoAttack itself: slow, and an
+        optional package) is opt-in: only a literal id or a wildcard that spells the start of its
+        name (``autoattack-*``) selects it, never ``*``."""
         chosen: list[str] = []
         for pattern in patterns:
             if any(ch in pattern for ch in "*?["):
-                matched = self.ids(pattern)
+                prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+                matched = [
+                    i
+                    for i in self.ids(pattern)
+                    if getattr(self._specs[i], "family", None) != "reference" or (prefix and i.startswith(prefix))
+                ]
                 if not matched:
                     raise RobustMatrixError(f"no {self.kind} matches '{pattern}'; see `robustmatrix list`")
             else:

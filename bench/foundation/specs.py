@@ -27,7 +27,7 @@ NORMS = ("linf", "l2", "l1", "spatial", "none")
 """Threat-model norms. ``spatial`` is rotation/translation (eps = max rotation in degrees);
 ``none`` is for attacks without a perturbation set of their own."""
 
-FAMILIES = ("gradient", "score-based", "decision-based", "transfer", "noise", "adaptive")
+FAMILIES = ("gradient", "score-based", "decision-based", "transfer", "noise", "adaptive", "reference")
 
 TRIGGERS = ("always", "randomized", "non-differentiable", "saturated-softmax")
 """When the runner pairs an attack with a defense: always, or only when the defense is (declared
