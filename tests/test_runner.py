@@ -171,3 +171,42 @@ def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path, workers)
     resumed = run_cli(*command, "--db", str(db), cwd=tmp_path)
     assert resumed.code == 0, resumed.stderr
     assert snapshot(db) == expected
+
+
+def test_keys_change_with_whatever_changes_results_and_nothing_else(digits, monkeypatch):
+    """Batch size (the seeded stream is drawn batch by batch), the device type and CPU thread count,
+    and the versions of torch, numpy and ART are keyed; the same matrix twice gives the same keys."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from bench.execution.launch import keyed_environment
+    from bench.execution.runner import Runner
+    from bench.foundation import keys
+    from bench.foundation.config import MatrixSpec
+    from bench.foundation.registry import DEFENSES
+    from bench.storage.store import encode_mask
+
+    spec = MatrixSpec(defenses=("standard-v1",), attacks=("fgsm-linf-v1",), eps={"linf": (0.1,)}, n_eval=10)
+    row = {"observed": json.dumps({}), "clean_mask": encode_mask(np.ones(10, dtype=bool))}
+
+    def planned(matrix=spec, environment=None):
+        runner = Runner(matrix, digits, executor=None)
+        if environment is not None:
+            runner.environment = environment
+        training = runner.training_job(DEFENSES.get("standard-v1"), 0)
+        (cell,) = runner.cell_jobs(training, row, {0: training})
+        return training.training_key, cell.cell_key
+
+    base = planned()
+    assert planned() == base
+    assert planned(replace(spec, batch_size=spec.batch_size // 2))[1] != base[1]
+    assert planned(replace(spec, batch_size=spec.batch_size // 2))[0] == base[0], "training does not batch-attack"
+    assert planned(environment=keyed_environment("cpu", 1)) == base
+    assert set(planned(environment=keyed_environment("cpu", 2))).isdisjoint(base)
+    assert set(planned(environment=keyed_environment("cuda:0", 1))).isdisjoint(base)
+    assert planned(environment=keyed_environment("cuda:0", 1)) == planned(environment=keyed_environment("cuda:3", 8))
+    for library in keys.KEYED_LIBRARIES:
+        upgraded = {**keys.keyed_versions(), library: "99.0"}
+        monkeypatch.setattr("bench.execution.runner.keyed_versions", lambda upgraded=upgraded: upgraded)
+        assert set(planned()).isdisjoint(base), f"an upgrade of {library} must not reuse cells"

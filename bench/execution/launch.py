@@ -5,6 +5,7 @@ record the run, let the runner fill the database, and link the run to the cells 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from bench.execution.executor import Executor, LocalExecutor
@@ -122,6 +123,13 @@ def make_executor(
     return executor, f"{executor.settings.device} (ray)"
 
 
+def keyed_environment(device: str, threads: int) -> dict[str, Any]:
+    """What of the executor's environment goes into every key: CPU and CUDA results differ (other
+    kernels, other reductions), and so do CPU results at other torch thread counts."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return {"device": kind, "threads": int(threads) if kind == "cpu" else None}
+
+
 def run_matrix(
     spec: MatrixSpec,
     db_path: Path,
@@ -147,6 +155,7 @@ def run_matrix(
         runner.validate_defenses(DEFENSES.select(only_defenses))  # type: ignore[arg-type]
     executor, device = make_executor(options, spec, db_path, data_dir, download, progress)
     runner.executor = executor
+    runner.environment = keyed_environment(device, options.cpus_per_task)
     with executor, Store.open(db_path) as store:
         run_id = store.start_run(kind, spec.to_dict(), device, versions(), git_commit)
         try:

@@ -152,6 +152,9 @@ class Runner:
         self.retry_failed = retry_failed
         self._models_version = digest(inspect.getsource(bench.foundation.models))
         self._libraries = keyed_versions()
+        self.environment: dict[str, Any] = {"device": "cpu", "threads": 1}
+        """Where the jobs run, as far as it changes results (keyed): the device type, and on the CPU the
+        torch threads per job (their reduction order differs). Set by whoever attaches the executor."""
         dataset.eval_indices(spec.n_eval)
         self.defenses: list[DefenseSpec] = DEFENSES.select(list(spec.defenses))  # type: ignore[assignment]
         self.attacks: list[AttackSpec] = ATTACKS.select(list(spec.attacks))  # type: ignore[assignment]
@@ -201,6 +204,7 @@ class Runner:
                 "architecture": architecture_name(self.spec.dataset),
                 "models": self._models_version,
                 "libraries": self._libraries,
+                "environment": self.environment,
                 "harness": RESULTS_VERSION,
             }
         )
@@ -279,6 +283,7 @@ class Runner:
             # The seeded stream is drawn batch by batch: another batch size, other examples.
             "batch_size": self.spec.batch_size,
             "libraries": self._libraries,
+            "environment": self.environment,
             "harness": RESULTS_VERSION,
         }
         if after is not None:
