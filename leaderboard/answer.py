@@ -40,12 +40,13 @@ def _family_clause(family: str, members: Sequence[Mapping[str, Any]]) -> str | N
     count = len(members)
     subject = f"the {label} defense" if count == 1 else f"{label} defenses ({count})"
     keep = "keeps" if count == 1 else "keep"
-    doubt = f", and {'its' if count == 1 else 'their'} flags say even that may be overstated" if family == FLAGGED else ""
+    doubt = (
+        f", and {'its' if count == 1 else 'their'} flags say even that may be overstated" if family == FLAGGED else ""
+    )
     if seen and unseen:
         link = "but" if _mean(unseen) < _mean(seen) - 0.005 else "and"
-        return (
-            f"{subject} {keep} {_mean(seen):.2f} on {_where(members, family)} {link} {_mean(unseen):.2f} elsewhere{doubt}"
-        )
+        where = _where(members, family)
+        return f"{subject} {keep} {_mean(seen):.2f} on {where} {link} {_mean(unseen):.2f} elsewhere{doubt}"
     if seen:
         return f"{subject} {keep} {_mean(seen):.2f} on {_where(members, family)}, every threat model here{doubt}"
     if unseen:
@@ -109,9 +110,7 @@ def _row(entry: Mapping[str, Any], style: Style, y: float, href: str) -> str:
     if flagged:
         parts.append(f'<text class="warn" x="{LEFT - 8}" y="{y + 4:g}" text-anchor="end">⚠</text>')
     if seen is not None and unseen is not None:
-        parts.append(
-            f'<line class="gap" x1="{svg.num(_x(seen))}" y1="{y:g}" x2="{svg.num(_x(unseen))}" y2="{y:g}"/>'
-        )
+        parts.append(f'<line class="gap" x1="{svg.num(_x(seen))}" y1="{y:g}" x2="{svg.num(_x(unseen))}" y2="{y:g}"/>')
     if seen is not None:
         parts.append(f'<circle class="seen" cx="{svg.num(_x(seen))}" cy="{y:g}" r="5"/>')
     if unseen is not None:
@@ -137,8 +136,8 @@ def dumbbell(defenses: Sequence[Mapping[str, Any]], styles: Mapping[str, Style],
         '<g class="legend">'
         f'<circle class="seen" cx="{LEFT + 6}" cy="14" r="5"/>'
         f'<text x="{LEFT + 16}" y="18">worst case where trained (seen)</text>'
-        f'<circle class="unseen" cx="{LEFT + 226}" cy="14" r="4.3"/>'
-        f'<text x="{LEFT + 236}" y="18">elsewhere (unseen)</text></g>'
+        f'<circle class="unseen" cx="{LEFT + 250}" cy="14" r="4.3"/>'
+        f'<text x="{LEFT + 260}" y="18">elsewhere (unseen)</text></g>'
     )
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         x = svg.num(_x(tick))

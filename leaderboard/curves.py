@@ -30,9 +30,7 @@ def _domain(defenses: Sequence[Mapping[str, Any]], norm: str) -> tuple[float, fl
     return low - pad, high + pad
 
 
-def _line(
-    entry: Mapping[str, Any], style: Style, norm: str, x: Any, y: Any, *, context: bool = False
-) -> str:
+def _line(entry: Mapping[str, Any], style: Style, norm: str, x: Any, y: Any, *, context: bool = False) -> str:
     points = _points(entry, norm)
     coords = " ".join(f"{svg.num(x(t['eps']))},{svg.num(y(t['value']))}" for t in points)
     name = entry["defense"]
@@ -44,7 +42,8 @@ def _line(
     out.append(f'<polyline class="hit" points="{coords}"/>')
     out.append(f'<polyline points="{coords}" stroke="{style.colour}"{dash}/>')
     for t in points:
-        tip = f"{name} at {norm} {t['eps']:g}: {100 * t['value']:.1f}% (95% CI {100 * t['low']:.1f}–{100 * t['high']:.1f}%)"
+        interval = f"95% CI {100 * t['low']:.1f}–{100 * t['high']:.1f}%"
+        tip = f"{name} at {norm} {t['eps']:g}: {100 * t['value']:.1f}% ({interval})"
         out.append(svg.marker(style, x(t["eps"]), y(t["value"]), 3.2, tip))
     last = points[-1]
     out.append(

@@ -130,14 +130,10 @@ def section(data: Mapping[str, Any], key: str, heatmap: str) -> dict[str, Any]:
     }
 
 
-def render(
-    report: Mapping[str, Any], keys: Sequence[str], heatmaps: Sequence[str], history_png: str | None
-) -> str:
+def render(report: Mapping[str, Any], keys: Sequence[str], heatmaps: Sequence[str], history_png: str | None) -> str:
     """The page's HTML: a section per dataset (``keys`` and ``heatmaps``, the PNG files' names, in the
     report's order); ``history_png`` is the nightly-history PNG in base64, when there is one."""
-    views = [
-        section(data, key, heatmap) for data, key, heatmap in zip(report["datasets"], keys, heatmaps, strict=True)
-    ]
+    views = [section(data, key, heatmap) for data, key, heatmap in zip(report["datasets"], keys, heatmaps, strict=True)]
     template = environment().get_template("index.html.j2")
     return template.render(
         report=report,
