@@ -1,11 +1,11 @@
 """A screenshot of the leaderboard page in headless Chromium, for the README.
 
-    python -m leaderboard.screenshot results/index.html docs/leaderboard.png
+    python -m leaderboard.screenshot results docs/leaderboard.png
 
-The viewport is set exactly (1280 x 1800 CSS pixels by default, scale 1), so the picture shows what
-a reader sees at that width. Needs selenium (the ``test`` extra) and Debian's chromium and
-chromium-driver. The browser tests start Chromium through ``start`` too, with the same flags: no
-network, no first-run work, a fresh profile."""
+takes the results folder of a run (or its index.html). The viewport is set exactly (1280 x 1800 CSS
+pixels by default, scale 1), so the picture shows what a reader sees at that width. Needs selenium
+(the ``test`` extra) and Debian's chromium and chromium-driver. The browser tests start Chromium
+through ``start`` too, with the same flags: no network, no first-run work, a fresh profile."""
 
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def start(profile: Path, *, scripts: bool = True, logs: bool = False) -> Any:
 def set_viewport(driver: Any, width: int, height: int) -> None:
     """The page's viewport in CSS pixels, whatever the headless window's frame."""
     driver.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
     )
 
 
@@ -80,15 +81,16 @@ def capture(page: Path, png: Path, width: int = 1280, height: int = 1800) -> Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m leaderboard.screenshot", description=__doc__.splitlines()[0])
-    parser.add_argument("page", type=Path, help="the leaderboard page, e.g. results/index.html")
+    parser.add_argument("page", type=Path, help="the results folder or its page, e.g. results or results/index.html")
     parser.add_argument("png", type=Path, help="where to write the screenshot, e.g. docs/leaderboard.png")
     parser.add_argument("--width", type=int, default=1280, help="viewport width in CSS pixels (default 1280)")
     parser.add_argument("--height", type=int, default=1800, help="viewport height in CSS pixels (default 1800)")
     args = parser.parse_args(argv)
-    if not args.page.is_file():
-        parser.error(f"{args.page} does not exist; run `robustmatrix run` or `robustmatrix leaderboard` first")
+    page = args.page / "index.html" if args.page.is_dir() else args.page
+    if not page.is_file():
+        parser.error(f"{page} does not exist; run `robustmatrix run` or `robustmatrix leaderboard` first")
     try:
-        print(capture(args.page, args.png, args.width, args.height))
+        print(capture(page, args.png, args.width, args.height))
     except RuntimeError as exc:
         print(f"python -m leaderboard.screenshot: {exc}", file=sys.stderr)
         return 1
