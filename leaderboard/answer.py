@@ -21,6 +21,9 @@ UNSEEN_COLOUR = "#D55E00"
 """Okabe-Ito blue and vermillion; seen is also filled and unseen hollow, so colour is never needed."""
 LEFT, PLOT, RIGHT = 262, 380, 118
 ROW, TOP, BOTTOM = 21, 34, 34
+LABEL_CHARS = 31
+"""Rank and name, cut to what fits between the family marker and the ⚠ at 12 px (the tooltip and the
+summary give the whole id)."""
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -104,8 +107,8 @@ def _row(entry: Mapping[str, Any], style: Style, y: float, href: str) -> str:
         parts.append(f'<rect class="band" x="0" y="{y - ROW / 2:g}" width="{LEFT + PLOT + RIGHT}" height="{ROW}"/>')
     parts.append(svg.marker(style, 10, y, 3.6))
     label = f"{rank} {entry['defense']}"
-    if len(label) > 34:
-        label = label[:33] + "…"
+    if len(label) > LABEL_CHARS:
+        label = label[: LABEL_CHARS - 1] + "…"
     parts.append(f'<a href="#{svg.text(href)}"><text class="name" x="20" y="{y + 4:g}">{svg.text(label)}</text></a>')
     if flagged:
         parts.append(f'<text class="warn" x="{LEFT - 8}" y="{y + 4:g}" text-anchor="end">⚠</text>')
