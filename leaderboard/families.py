@@ -102,8 +102,3 @@ def styles(defenses: Sequence[Mapping[str, Any]]) -> dict[str, Style]:
             hollow=(position // len(PALETTE)) % 2 == 1,
         )
     return out
-
-
-def families_in(defenses: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The families present, in legend order."""
-    return sorted({family_of(d) for d in defenses}, key=family_order)
