@@ -1,8 +1,8 @@
 """``robustmatrix leaderboard``: rebuild every output file from the database alone.
 
 Writes into the output folder: leaderboard.md (tabulate), leaderboard.csv, leaderboard.json (the
-validated report), index.html (one self-contained page: every figure is embedded, no network
-request), and the figures as separate PNG files.
+validated report), index.html (one self-contained page, page.py: its figures are inline SVG and its
+script inline, no network request), and the figures as PNG files for papers.
 """
 
 from __future__ import annotations
@@ -14,37 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-
 from bench.foundation.errors import RobustMatrixError
 from bench.storage.store import Store
+from leaderboard import page as html_page
 from leaderboard import plots
+from leaderboard.curves import norms_of
+from leaderboard.families import styles
 from leaderboard.report import build_report
-from leaderboard.tables import markdown, threat_list, write_csv
+from leaderboard.tables import markdown, write_csv
 
-TEMPLATES = Path(__file__).parent / "templates"
 HISTORY_PNG = "nightly-history.png"
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def _ratio(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
-
-
-def _passes(value: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.1f}{unit}"
-    return f"{value:.0f}"
-
-
-def _environment() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
-    env.filters.update(pct=_pct, ratio=_ratio, passes=_passes, threats=threat_list)
-    return env
 
 
 def _encoded(path: Path) -> str:
@@ -84,14 +63,13 @@ def write_leaderboard(db_path: str | Path, out_dir: str | Path) -> list[Path]:
     sections = section_keys(report["datasets"])
     several = len(sections) > 1
     written: list[Path] = []
-    figures: dict[str, dict[str, Any]] = {}
+    heatmaps: list[str] = []
     for data, key in zip(report["datasets"], sections, strict=True):
         prefix = f"{key}-" if several else ""
         heat = plots.heatmap(data, out / f"{prefix}heatmap.png")
-        norms = sorted({t["norm"] for t in data["threat_models"]}, key=lambda n: plots.NORM_ORDER.get(n, 9))
-        curve_paths = [(norm, plots.curves(data, norm, out / f"{prefix}curves-{norm}.png")) for norm in norms]
-        written += [heat, *(p for _, p in curve_paths)]
-        figures[key] = {"heatmap": _encoded(heat), "curves": [(n, _encoded(p)) for n, p in curve_paths]}
+        look = styles(data["defenses"])
+        written += [heat, *(plots.curves(data, n, out / f"{prefix}curves-{n}.png", look) for n in norms_of(data))]
+        heatmaps.append(heat.name)
     snapshots = _nightly_snapshots(db_path)
     history = plots.worst_case_history(snapshots, out / HISTORY_PNG) if snapshots else None
     if history is not None:
@@ -104,10 +82,5 @@ def write_leaderboard(db_path: str | Path, out_dir: str | Path) -> list[Path]:
     js = out / "leaderboard.json"
     js.write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False) + "\n")
     page = out / "index.html"
-    template = _environment().get_template("index.html.j2")
-    page.write_text(
-        template.render(
-            report=report, sections=sections, figures=figures, history=_encoded(history) if history else None
-        )
-    )
+    page.write_text(html_page.render(report, sections, heatmaps, _encoded(history) if history else None))
     return [md, csv, js, page, *written]

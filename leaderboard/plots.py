@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-NORM_ORDER = {"linf": 0, "l2": 1, "l1": 2, "spatial": 3, "none": 4}
+from leaderboard.families import NORM_ORDER, Style
+
 MISSING_GREY = colormaps["viridis"].with_extremes(bad="#d8dee4")
 """viridis, with cells a defense has no result for in light grey (white separates threat models)."""
 CHAR_WIDTH = 0.62
@@ -88,15 +89,35 @@ def heatmap(data: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def curves(data: Mapping[str, Any], norm: str, path: Path) -> Path:
-    """Best-known (worst-case) robust accuracy against eps, one line per defense."""
+MARKERS = {"circle": "o", "square": "s", "triangle": "^", "diamond": "D", "triangle-down": "v", "plus": "P"}
+"""The page's marker names (families.py) in matplotlib's spelling; any other is an X."""
+
+
+def _dashes(dash: str) -> Any:
+    return "-" if not dash else (0, tuple(float(x) / 1.4 for x in dash.split()))
+
+
+def curves(data: Mapping[str, Any], norm: str, path: Path, styles: Mapping[str, Style]) -> Path:
+    """Best-known (worst-case) robust accuracy against eps, one line per defense, drawn in the page's
+    style of that defense (colour-blind-safe colour, family marker and line style)."""
     figure = _figure(6.4, 4.2)
     axes = figure.add_axes((0.1, 0.12, 0.87, 0.8))
     for entry in data["defenses"]:
         points = sorted((t["eps"], t["value"]) for t in entry["worst_case_by_threat"] if t["norm"] == norm)
         if points:
             xs, ys = zip(*points, strict=True)
-            axes.plot(xs, ys, marker="o", linewidth=1.4, markersize=3.5, label=entry["defense"])
+            style = styles[entry["defense"]]
+            axes.plot(
+                xs,
+                ys,
+                color=style.colour,
+                marker=MARKERS.get(style.marker, "X"),
+                markerfacecolor="white" if style.hollow else style.colour,
+                linestyle=_dashes(style.dash),
+                linewidth=1.4,
+                markersize=4,
+                label=entry["defense"],
+            )
     axes.set_xlabel(f"eps ({norm})")
     axes.set_ylabel("worst-case robust accuracy")
     axes.set_ylim(-0.02, 1.02)

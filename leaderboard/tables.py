@@ -82,12 +82,22 @@ def wide_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+CSV_DECIMALS = 4
+"""Fractions of at most a few thousand examples: a fifth decimal is below one example, and binary
+noise (0.38200000000000006) is no information."""
+
+
+def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: round(v, CSV_DECIMALS) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def write_csv(datasets: list[Mapping[str, Any]], path: Path) -> None:
-    """Every section's wide rows in one CSV (pandas: quoting, numbers as numbers); a column a row
-    lacks is an empty field. Imported here, not at the top: only this writer needs it."""
+    """Every section's wide rows in one CSV (pandas: quoting, numbers as numbers, rounded to
+    ``CSV_DECIMALS``); a column a row lacks is an empty field. Imported here, not at the top: only
+    this writer needs it."""
     import pandas as pd
 
-    rows = [row for data in datasets for row in wide_rows(data)]
+    rows = [_rounded(row) for data in datasets for row in wide_rows(data)]
     columns = list(dict.fromkeys(column for row in rows for column in row))
     frame = pd.DataFrame(rows, columns=columns, dtype=object)  # object: an int column with gaps stays ints
     frame.to_csv(path, index=False, lineterminator="\n")
