@@ -5,8 +5,8 @@ record the run, let the runner fill the database, and link the run to the cells 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from bench.execution.executor import Executor, LocalExecutor
 from bench.execution.pool_executor import PoolExecutor, auto_workers
