@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from attacks.art_support import art_classifier, to_numpy
-from attacks.base import Victim
+from attacks.base import Victim, predict
 from bench.foundation.counting import CountingModel, PassCounter
 from bench.foundation.keys import seed_everything
 from bench.foundation.registry import ATTACKS
@@ -203,7 +203,7 @@ def test_art_equivalent_on_the_same_work(benchmark, robust_setup, attack_id):
 def test_cascade_costs_less_than_every_member_on_every_example(benchmark, robust_setup):
     model, x, y = robust_setup
     members = [["apgd-ce-linf-v1", {}], ["apgd-t-linf-v1", {}], ["square-linf-v1", {}], ["pgd-linf-v1", {}]]
-    cascade = ATTACKS.get("adaptive-worst-case-linf-v1").make("digits", {"members": members}, eps=0.2)
+    cascade = ATTACKS.get("adaptive-worst-case-linf-v1").make("digits", {"stages": members}, eps=0.2)
     counter = PassCounter()
 
     def run() -> None:
@@ -224,3 +224,66 @@ def test_cascade_costs_less_than_every_member_on_every_example(benchmark, robust
         all_members_seconds=separate_seconds,
     )
     assert counter.forwards + counter.backwards < separate.forwards + separate.backwards
+
+
+MATRIX_LINF_CELLS = [
+    "fgsm-linf-v1",
+    "pgd-linf-v1",
+    "pgd-margin-linf-v1",
+    "apgd-ce-linf-v1",
+    "apgd-dlr-linf-v1",
+    "apgd-t-linf-v1",
+    "fab-linf-v1",
+    "fab-t-linf-v1",
+    "square-linf-v1",
+    "noise-linf-v1",
+]
+"""The default matrix's Linf cells on an undefended-looking (deterministic, differentiable) defense,
+at their digits budgets: what the cascade starts from."""
+
+
+def test_escalating_cascade_costs_half_of_autoattack_on_the_same_examples(benchmark, digits):
+    """The matrix's worst case at Linf 0.2 on the PGD-trained digits model: its cells run anyway
+    (their time is reported, not timed), then the cascade escalates on what they left robust, at
+    AutoAttack's budgets. Timed: the cascade; reported: AutoAttack standard on every clean-correct
+    example, the ratio (target <= 0.5) and both robust accuracies."""
+    model = robust_digits().deployed
+    index = digits.eval_indices(250)
+    x, y = digits.x_test[index], digits.y_test[index]
+    correct = predict(model, x) == y
+    x, y = x[correct], y[correct]
+    robust = torch.ones(len(x), dtype=torch.bool)
+    start = time.perf_counter()
+    for attack_id in MATRIX_LINF_CELLS:
+        seed_everything(0)
+        robust &= predict(model, ATTACKS.get(attack_id).make("digits", eps=0.2)(Victim(model, 10), x, y)) == y
+    cells_seconds = time.perf_counter() - start
+    survivors_x, survivors_y = x[robust], y[robust]
+    cascade = ATTACKS.get("adaptive-worst-case-linf-v1").make("digits", eps=0.2)
+    outcome: dict[str, torch.Tensor] = {}
+
+    def run() -> None:
+        seed_everything(0)
+        outcome["x"] = cascade(Victim(model, 10), survivors_x, survivors_y)
+
+    benchmark.pedantic(run, rounds=1 if benchmark.disabled else 3, iterations=1)
+    if benchmark.disabled:
+        return
+    autoattack = pytest.importorskip("autoattack", reason="the reference autoattack is not installed")
+    reference = autoattack.AutoAttack(
+        model, norm="Linf", eps=0.2, version="standard", seed=0, verbose=False, device="cpu"
+    )
+    start = time.perf_counter()
+    reference_x = reference.run_standard_evaluation(x, y, bs=len(x))
+    autoattack_seconds = time.perf_counter() - start
+    ours = int((predict(model, outcome["x"]) == survivors_y).sum())
+    benchmark.extra_info.update(
+        cascade_seconds=benchmark.stats.stats.mean,
+        cells_seconds=cells_seconds,
+        autoattack_seconds=autoattack_seconds,
+        cascade_over_autoattack=benchmark.stats.stats.mean / autoattack_seconds,
+        meets_target=benchmark.stats.stats.mean / autoattack_seconds <= 0.5,
+        survivors=len(survivors_x),
+        worst_case=ours / len(index),
+        autoattack=int((predict(model, reference_x) == y).sum()) / len(index),
+    )
