@@ -1,6 +1,7 @@
-"""The adaptive worst case as the runner computes it: a cascade cell waits for its members' cells,
-attacks only what they all left robust, and so is never above any of them — even on a randomized
-defense, where each member's own run draws differently. Its key covers its members' keys."""
+"""The adaptive worst case as the runner computes it: a cascade cell waits for its members' cells at
+its eps and every smaller one (and its own cells at the smaller eps), attacks only what they all left
+robust, and so is never above any of them — even on a randomized defense, where each member's own
+run draws differently. Its key covers its members' keys."""
 
 from __future__ import annotations
 
@@ -60,11 +61,14 @@ def test_the_cascade_cell_is_never_above_any_member_cell(randomized_run):
         assert row["status"] == "ok", row["error"]
         by_eps.setdefault(row["eps"], {})[row["attack_id"]] = decode_mask(row["robust_mask"], row["n_eval"])
     assert set(by_eps) == {0.05, 0.1}
+    cascade_id = "adaptive-worst-case-linf-v1"
     for eps, masks in by_eps.items():
-        cascade = masks.pop("adaptive-worst-case-linf-v1")
-        assert {"eot-pgd-linf-v1", "pgd-linf-v1", "fgsm-linf-v1", "noise-linf-v1"} <= set(masks)
-        for attack_id, member in masks.items():
-            assert not (cascade & ~member).any(), f"cascade robust where {attack_id} broke the example at {eps}"
+        cascade = masks[cascade_id]
+        assert {"eot-pgd-linf-v1", "pgd-linf-v1", "fgsm-linf-v1", "noise-linf-v1", cascade_id} <= set(masks)
+        for smaller in [e for e in by_eps if e <= eps]:  # nested: what broke inside a smaller ball too
+            for attack_id, member in by_eps[smaller].items():
+                where = f"{attack_id} broke the example at {smaller}"
+                assert not (cascade & ~member).any(), f"cascade robust at {eps} where {where}"
         assert cascade.sum() <= min(m.sum() for m in masks.values())
 
 
@@ -75,7 +79,7 @@ def test_the_cascade_attacks_only_the_survivors_of_its_members(randomized_run):
     for eps in (0.05, 0.1):
         survivors = None
         for (attack_id, cell_eps), row in cells.items():
-            if cell_eps == eps and attack_id != "adaptive-worst-case-linf-v1":
+            if cell_eps <= eps and (attack_id != "adaptive-worst-case-linf-v1" or cell_eps < eps):
                 mask = decode_mask(row["robust_mask"], row["n_eval"])
                 survivors = mask if survivors is None else survivors & mask
         cascade = cells[("adaptive-worst-case-linf-v1", eps)]
@@ -107,8 +111,10 @@ def test_a_cascade_key_changes_with_any_member_and_cascades_share_their_members_
     after = plan(replace(spec, attack_kwargs={"square-linf-v1": {"queries": 7}}))
     for eps in (0.1, 0.2):
         cascade = before[("adaptive-worst-case-linf-v1", eps)]
-        members = {key for (attack_id, e), job in before.items() if e == eps for key in [job.cell_key]}
+        members = {job.cell_key for (attack_id, e), job in before.items() if e <= eps and job is not cascade}
         assert set(cascade.members) <= members and len(cascade.members) >= 3
+        smaller = [job.cell_key for (attack_id, e), job in before.items() if e < eps]
+        assert set(smaller) <= set(cascade.members), "nested: every cell at a smaller eps, the cascade's own too"
         assert after[("square-linf-v1", eps)].cell_key != before[("square-linf-v1", eps)].cell_key
         assert after[("adaptive-worst-case-linf-v1", eps)].cell_key != cascade.cell_key
         assert after[("pgd-linf-v1", eps)].cell_key == before[("pgd-linf-v1", eps)].cell_key

@@ -59,9 +59,9 @@ class CellJob:
 
     @property
     def group_key(self) -> str:
-        """Cells that belong together — a defense's cells at one threat model, where a cascade needs
-        its members' results — share a group; shards split the matrix by group."""
-        return digest({"training": self.training.training_key, "norm": self.norm, "eps": self.eps})
+        """Cells that belong together — a defense's cells at one norm, every eps of which a cascade
+        needs (the balls are nested) — share a group; shards split the matrix by group."""
+        return digest({"training": self.training.training_key, "norm": self.norm})
 
     @property
     def label(self) -> str:

@@ -247,16 +247,19 @@ class Runner:
             surrogate = surrogates.get(training.seed) if needs_surrogate else None
             member_ids = {m.id for m in members}
             runs = [*adaptive, *(ATTACKS.get(stage) for stage, _ in kwargs["stages"])]
-            for eps in self.eps_grid(cascade):
-                # The members' own cells at this eps: the cascade's key covers their keys (so a change
-                # to any member's code or kwargs re-runs the cascade), and it waits for their results.
-                after = sorted(j.cell_key for j in jobs if j.attack_id in member_ids and j.eps == float(eps))
-                versions = tuple((m.id, m.code_version()) for m in runs)
-                jobs.append(
-                    self._cell_job(
-                        training, evaluation, cascade, kwargs, eps, bpda_fallback, surrogate, after, versions
-                    )
+            versions = tuple((m.id, m.code_version()) for m in runs)
+            below: list[str] = []
+            for eps in sorted(self.eps_grid(cascade)):
+                # The members' cells at this eps or a smaller one (the balls are nested: an example
+                # broken inside a smaller ball is broken in this one) and the cascade's own cells at
+                # the smaller eps: the cascade's key covers their keys (a change to any re-runs it),
+                # it waits for their results and escalates only on what all of them left robust.
+                after = sorted(
+                    [j.cell_key for j in jobs if j.attack_id in member_ids and j.eps <= float(eps)] + below
                 )
+                job = self._cell_job(training, evaluation, cascade, kwargs, eps, bpda_fallback, surrogate, after, versions)
+                jobs.append(job)
+                below.append(job.cell_key)
         return jobs
 
     def _cell_job(

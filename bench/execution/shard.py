@@ -1,8 +1,8 @@
 """``--shard I/N``: a deterministic slice of the matrix's cells, for clusters without Ray (Slurm arrays).
 
 A cell belongs to shard ``int(group_key) mod N``, where the group key digests the cell's defense
-training and threat model (norm, eps): a cascade and its members land in the same shard, so the
-cascade sees its members' results. The slice depends only on keys — never on the order of the matrix
+training and norm: a cascade, its members and its cells at the smaller eps land in the same shard, so
+the cascade sees their results. The slice depends only on keys — never on the order of the matrix
 or on what ran before — so N jobs started independently cover every cell exactly once, and
 ``robustmatrix merge`` puts their databases back together. Every shard trains and
 evaluates the defenses its cells need; shards that share one checkpoint folder (their databases in
