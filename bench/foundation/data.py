@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -235,7 +236,7 @@ class _TooLarge(Exception):
     pass
 
 
-def _copy_capped(source: io.RawIOBase, out: io.BufferedWriter, limit: int) -> None:
+def _copy_capped(source: IO[bytes], out: IO[bytes], limit: int) -> None:
     """Copy at most ``limit`` bytes; one more is an error (a wrong file or an endless stream)."""
     written = 0
     for chunk in iter(lambda: source.read(1 << 20), b""):
