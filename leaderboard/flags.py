@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench.foundation.gradients import gradients_vanish, vanished_count
 from leaderboard.metrics import Masks, binomial_tail, mcnemar_one_sided, paired_counts
 
 ALPHA = 0.05
@@ -39,14 +40,6 @@ the flag fires when it is significantly (ALPHA) above chance + this margin."""
 ADAPTIVE_MARGIN = 0.05
 """An adaptive attack (EOT, BPDA, logit-space; not the cascade) beats every standard gradient attack
 at a threat model by more than 5 points: "standard evaluation unreliable"."""
-ZERO_GRADIENT_MIN_FRACTION = 0.10
-"""zero-gradients: input gradients must vanish on at least this fraction of the probed, correctly
-classified examples (cross-entropy or DLR) ..."""
-ZERO_GRADIENT_MIN_COUNT = 3
-"""... and on at least this many of them: one example with a flat loss surface (it happens on a
-randomized model) is not gradient masking. Masking defenses are far above both: distillation's
-cross-entropy gradients vanish on ~90% of examples, quantization's and JPEG's on all of them."""
-
 BLACK_BOX = ("score-based", "decision-based", "transfer", "noise")
 
 FLAGS = {
@@ -189,7 +182,7 @@ def _zero_gradients(observed: Mapping[str, Any], probe: Mapping[str, tuple[int, 
     if probe is None:
         probed = int(observed.get("examples", 0))
         probe = {
-            loss: (round(float(observed.get(field, 0.0)) * probed), probed)
+            loss: (vanished_count(observed.get(field, 0.0), probed), probed)
             for loss, field in (
                 ("ce", "vanishing_gradient_ce"),
                 ("dlr", "vanishing_gradient_dlr"),
@@ -197,11 +190,7 @@ def _zero_gradients(observed: Mapping[str, Any], probe: Mapping[str, tuple[int, 
             )
         }
     fractions = {loss: (k / m if m else 0.0) for loss, (k, m) in probe.items()}
-    fires = [
-        loss
-        for loss in ("ce", "dlr")
-        if probe[loss][0] >= ZERO_GRADIENT_MIN_COUNT and fractions[loss] >= ZERO_GRADIENT_MIN_FRACTION
-    ]
+    fires = [loss for loss in ("ce", "dlr") if gradients_vanish(*probe[loss])]
     if not fires:
         return None
     (ce, probed), (dlr, _) = probe["ce"], probe["dlr"]

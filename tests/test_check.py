@@ -81,6 +81,29 @@ class PurifiesWithBackward(Standard):
         return Purify()
 
 
+class FlatOnOne(Standard):
+    """The input gradient vanishes on the brightest example of every batch, and only there: the
+    flat loss surface one example of a noisy plugin can have."""
+
+    FLAT = 1
+
+    def deploy(self, model: nn.Module) -> nn.Module:
+        inner, flat = super().deploy(model), self.FLAT
+
+        class Flat(nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = inner(x)
+                keep = torch.ones(len(x), 1, dtype=torch.bool, device=x.device)
+                keep[x.flatten(1).sum(1).topk(min(flat, len(x))).indices] = False
+                return torch.where(keep, out, out.detach())
+
+        return Flat().eval()
+
+
+class FlatOnTen(FlatOnOne):
+    FLAT = 10
+
+
 class Unreproducible(Standard):
     def fit(self, model, data, ctx) -> None:
         generator = torch.Generator().manual_seed(time.time_ns() % 2**31)
@@ -239,3 +262,20 @@ def test_a_plugin_whose_declared_defaults_contradict_its_constructor_is_warned(d
     )
     status, evidence = _status(check_attack(spec, digits, cpu), "one source of defaults")
     assert status == WARN and "loss='margin'" in evidence and "'ce'" in evidence
+
+
+@pytest.mark.parametrize("factory, status, flagged", [(FlatOnOne, PASS, False), (FlatOnTen, FAIL, True)])
+def test_check_and_the_leaderboard_agree_on_vanishing_gradients(digits, cpu, tmp_path, factory, status, flagged):
+    """One rule for both: a single flat example of 64 neither fails `check` nor raises the
+    leaderboard's zero-gradients flag; ten (over 10%, at least 3) do both."""
+    from leaderboard.report import build_report
+    from tests.leaderboard_data import FakeDefense, write_database
+
+    found_status, evidence = _status(check_defense(_spec(factory), digits, cpu), "input gradients are non-zero")
+    assert found_status == status, evidence
+    assert f"on {factory.FLAT} of " in evidence
+    share = factory.FLAT / 64
+    observed = {"vanishing_gradient_ce": share, "vanishing_gradient_dlr": share, "zero_gradient_dlr": share}
+    db = write_database(tmp_path / "r.db", [FakeDefense("d-v1", {("pgd-linf-v1", 0.2): 0.0}, observed=observed)])
+    (entry,) = build_report(db)["datasets"][0]["defenses"]
+    assert ("zero-gradients" in {f["key"] for f in entry["flags"]}) is flagged

@@ -110,3 +110,99 @@ def test_offline_variable_never_downloads(tmp_path, monkeypatch):
     with pytest.raises(RobustMatrixError, match="could not be downloaded \\(downloads are disabled\\)"):
         load_dataset("mnist", tmp_path, download=True)
     assert attempts == []
+
+
+# ---------------------------------------------------------------------- downloads and CIFAR-10
+class _Stream:
+    """A fake HTTP response: ``total`` bytes in 64 KiB chunks, then end of file or ``error``."""
+
+    def __init__(self, total: int, error: Exception | None = None) -> None:
+        self.left, self.error = total, error
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            if self.error is not None:
+                raise self.error
+            return b""
+        chunk = min(self.left, 1 << 16, size if size > 0 else 1 << 16)
+        self.left -= chunk
+        return b"\0" * chunk
+
+    def __enter__(self) -> _Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_a_download_that_fails_midway_leaves_no_part_file(tmp_path, monkeypatch):
+    stream = _Stream(300_000, ConnectionResetError("connection reset by peer"))
+    monkeypatch.setattr("urllib.request.urlopen", lambda *args, **kwargs: stream)
+    with pytest.raises(RobustMatrixError, match=r"could not be downloaded \(.*connection reset by peer\)"):
+        load_dataset("fashion-mnist", tmp_path, download=True)
+    assert stream.left == 0, "the download started"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_download_beyond_the_published_size_is_aborted(tmp_path, monkeypatch):
+    from bench.foundation.data import FASHION_FILES
+
+    size = FASHION_FILES["train-images"].size
+    stream = _Stream(size + (1 << 20))
+    monkeypatch.setattr("urllib.request.urlopen", lambda *args, **kwargs: stream)
+    with pytest.raises(RobustMatrixError, match=rf"more than {size} bytes, the file's published size; aborted"):
+        load_dataset("fashion-mnist", tmp_path, download=True)
+    assert stream.left > 0, "the stream was cut off, not read to its end"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_published_files_are_pinned_by_sha256_and_size():
+    from bench.foundation.data import CIFAR10_ARCHIVE, FASHION_FILES, MNIST_FILES
+
+    for remote in (*MNIST_FILES.values(), *FASHION_FILES.values(), CIFAR10_ARCHIVE):
+        assert remote.sha256 and len(remote.sha256) == 64 and remote.size, remote.name
+
+
+def _batch(value: int) -> bytes:
+    import pickle
+
+    return pickle.dumps({b"data": np.full((2, 3072), value, dtype=np.uint8), b"labels": [value % 10, 1]})
+
+
+def test_cifar10_unpickles_the_bytes_it_verified(tmp_path, monkeypatch):
+    """Each batch file is swapped for another the moment its checksum has been computed (a TOCTOU
+    attack): what is loaded is still what was checked, because the checked bytes are unpickled."""
+    import hashlib
+
+    from bench.foundation import data as data_module
+
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    genuine = {name: _batch(10 + i) for i, name in enumerate(names)}
+    for name, raw in genuine.items():
+        (batches / name).write_bytes(raw)
+    digests = {hashlib.md5(raw).hexdigest(): name for name, raw in genuine.items()}
+    monkeypatch.setattr(data_module, "CIFAR10_BATCHES", {name: md5 for md5, name in digests.items()})
+    real_md5, real_new = hashlib.md5, hashlib.new
+
+    class Swapping:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def update(self, chunk: bytes) -> None:
+            self.inner.update(chunk)
+
+        def hexdigest(self) -> str:
+            digest = self.inner.hexdigest()
+            if digest in digests:
+                (batches / digests[digest]).write_bytes(_batch(255))
+            return digest
+
+    monkeypatch.setattr(hashlib, "md5", lambda *args, **kwargs: Swapping(real_md5(*args, **kwargs)))
+    monkeypatch.setattr(hashlib, "new", lambda name, *args, **kwargs: Swapping(real_new(name, *args, **kwargs)))
+    loaded = load_dataset("cifar10", tmp_path, download=False)
+    monkeypatch.undo()
+    assert (batches / "test_batch").read_bytes() == _batch(255), "the files were swapped"
+    assert sorted(loaded.x_train.mul(255).round().unique().tolist()) == [10, 11, 12, 13, 14]
+    assert loaded.x_test.mul(255).round().unique().tolist() == [15]

@@ -42,16 +42,43 @@ epochs = 4
 """
 
 
-def _nightly(tmp_path, config, out):
+def _nightly(tmp_path, config, out, *extra):
     return run_cli(
-        "nightly", "--config", str(config), "--db", str(tmp_path / "n.db"), "--out", str(out), "--quiet", cwd=tmp_path
+        "nightly",
+        "--config",
+        str(config),
+        "--db",
+        str(tmp_path / "n.db"),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+        cwd=tmp_path,
     )
+
+
+def test_a_nightly_run_without_a_previous_one_fails_unless_it_is_the_baseline(tmp_path):
+    """A database lost between nights (an evicted cache) must not pass as a quiet new baseline: the
+    run is refused, in one line and before any work, unless --baseline says it is the first."""
+    config = write_matrix(tmp_path / "matrix.toml", NIGHTLY_MATRIX)
+    missing = _nightly(tmp_path, config, tmp_path / "night")
+    assert missing.code == 2, missing.stderr
+    (line,) = missing.stderr.strip().splitlines()
+    assert "no previous nightly run in" in line and "pass --baseline" in line
+    assert not (tmp_path / "n.db").exists(), "refused before the matrix ran"
+
+    from bench.storage.store import Store
+
+    with Store.open(tmp_path / "n.db"):
+        pass  # a database with results but no nightly snapshot is no baseline either
+    empty = _nightly(tmp_path, config, tmp_path / "night")
+    assert empty.code == 2 and "pass --baseline" in empty.stderr
 
 
 def test_two_nightly_runs_with_a_changed_attack_name_the_changed_cells(tmp_path):
     config = write_matrix(tmp_path / "matrix.toml", NIGHTLY_MATRIX)
     with components(tmp_path / "mods", SCALED_FGSM) as module:
-        first = _nightly(tmp_path, config, tmp_path / "night1")
+        first = _nightly(tmp_path, config, tmp_path / "night1", "--baseline")
         assert first.code == 0, first.stderr
         baseline = json.loads((tmp_path / "night1" / "regressions.json").read_text())
         assert baseline["previous"] is None and baseline["regressed"] is False
@@ -142,34 +169,70 @@ def _readme_install_commands() -> list[str]:
     return commands[:-1]
 
 
-def _readme_nightly_command() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### The nightly job") :]
+def _documented_nightly_command() -> str:
+    operations = (REPO / "docs" / "operations.md").read_text()
+    section = operations[operations.index("### The nightly job") :]
     return re.search(r"```bash\n(robustmatrix nightly[^\n]*)\n```", section).group(1).strip()
 
 
-def test_the_nightly_workflow_installs_and_runs_as_the_readme_says():
+def _workflow() -> dict:
     yaml = pytest.importorskip("yaml", reason="PyYAML parses the workflow (it comes with the test and ray extras)")
-    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "nightly.yml").read_text())
+    return yaml.safe_load((REPO / ".github" / "workflows" / "nightly.yml").read_text())
+
+
+def test_the_nightly_workflow_installs_and_runs_as_documented():
+    workflow = _workflow()
     triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
     assert "schedule" in triggers and triggers["schedule"][0]["cron"]
     (job,) = workflow["jobs"].values()
     steps = job["steps"]
     runs = [step for step in steps if "run" in step]
     install = [line.strip() for line in runs[0]["run"].strip().splitlines()]
-    assert install == _readme_install_commands()
-    nightly = [line.strip() for line in runs[1]["run"].strip().splitlines()]
-    assert nightly[0] == ". .venv/bin/activate" and nightly[1:] == [_readme_nightly_command()]
-    out = re.search(r"--out (\S+)", _readme_nightly_command()).group(1)
-    db = re.search(r"--db (\S+)", _readme_nightly_command()).group(1)
+    index = re.search(r"--index-url ([^\s`]+)", (REPO / "README.md").read_text()).group(1)
+    expected = [
+        f"{c} --index-url {index}" if c.startswith("pip install torch") else c for c in _readme_install_commands()
+    ]
+    assert install == expected, "torch alone from the PyTorch index, everything else from PyPI"
+    nightly = [line.strip() for line in runs[-1]["run"].strip().splitlines()]
+    assert nightly == [". .venv/bin/activate", _documented_nightly_command() + " $BASELINE"]
+    out = re.search(r"--out (\S+)", _documented_nightly_command()).group(1)
+    db = re.search(r"--db (\S+)", _documented_nightly_command()).group(1)
     caches = [s for s in steps if s.get("uses", "").startswith("actions/cache/")]
     assert {s["uses"].split("@")[0] for s in caches} == {"actions/cache/restore", "actions/cache/save"}
     for cache in caches:  # the database must persist between nights, or every night is a new baseline
         assert db.startswith(cache["with"]["path"].rstrip("/") + "/"), (cache["with"]["path"], db)
-    index = re.search(r"--index-url ([^\s`]+)", (REPO / "README.md").read_text()).group(1)
-    assert job.get("env", {}).get("PIP_EXTRA_INDEX_URL") in (None, index), "the workflow's torch index is the README's"
-    uploads = [s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")]
-    assert uploads and uploads[0]["with"]["path"] == out and uploads[0].get("if") == "always()"
+    uploads = {s["with"]["path"]: s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@")}
+    assert set(uploads) == {out, db}, "the report, and the database (so a lost cache is noticed)"
+    assert all(u.get("if") == "always()" for u in uploads.values())
+
+
+def test_the_nightly_workflow_is_hardened():
+    """Read-only token, no credentials left in the checkout, actions pinned by commit, no job-wide
+    extra index (dependency confusion), the report folder emptied before the run, and --baseline
+    only from a manual run's input."""
+    workflow = _workflow()
+    assert workflow["permissions"] == {"contents": "read"}
+    (job,) = workflow["jobs"].values()
+    assert job.get("permissions", {"contents": "read"}) == {"contents": "read"}
+    steps = job["steps"]
+    for scope in (workflow, job, *steps):
+        assert not any("INDEX_URL" in name for name in scope.get("env", {})), scope.get("env")
+    for step in steps:
+        if "uses" in step:
+            assert re.fullmatch(r"actions/[\w/-]+@[0-9a-f]{40}", step["uses"]), step["uses"]
+    (checkout,) = [s for s in steps if s.get("uses", "").startswith("actions/checkout@")]
+    assert checkout["with"]["persist-credentials"] is False
+    runs = [step["run"] for step in steps if "run" in step]
+    assert all("--extra-index-url" not in run for run in runs)
+    out = re.search(r"--out (\S+)", _documented_nightly_command()).group(1)
+    names = [s.get("name", s.get("uses")) for s in steps]
+    (empty,) = [i for i, s in enumerate(steps) if s.get("run", "").strip() == f"rm -rf {out}"]
+    restore = next(i for i, s in enumerate(steps) if s.get("uses", "").startswith("actions/cache/restore@"))
+    nightly = next(i for i, s in enumerate(steps) if "robustmatrix nightly" in s.get("run", ""))
+    assert restore < empty < nightly, names
+    triggers = workflow.get("on", workflow.get(True))
+    assert triggers["workflow_dispatch"]["inputs"]["baseline"]["type"] == "boolean"
+    assert steps[nightly]["env"]["BASELINE"] == "${{ inputs.baseline && '--baseline' || '' }}"
 
 
 def _cell(attack_id: str, eps: float, wall_time: float, computed: bool, robust: float = 0.5) -> dict:

@@ -20,9 +20,15 @@ import torch
 from torch import nn
 
 from attacks.base import Victim, perturbation_norm, predict
-from bench.execution.probes import VANISHING_GRADIENT, observe
+from bench.execution.probes import PROBE_EXAMPLES, VANISHING_GRADIENT, observe
 from bench.foundation.counting import CountingModel, PassCounter
 from bench.foundation.data import Dataset
+from bench.foundation.gradients import (
+    ZERO_GRADIENT_MIN_COUNT,
+    ZERO_GRADIENT_MIN_FRACTION,
+    gradients_vanish,
+    vanished_count,
+)
 from bench.foundation.keys import seed_everything
 from bench.foundation.kwargs import kwargs_drift
 from bench.foundation.models import build_model
@@ -166,7 +172,9 @@ class DefenseChecker:
         observed = observe(deployed, x, y)
         self._check_randomness(observed)
         self._check_outputs(observed)
-        self._check_gradients(defense, model, observed, x, y)
+        with torch.no_grad():  # the probe's fractions are of the examples it classifies correctly
+            probed = int((predict(deployed, x[:PROBE_EXAMPLES]) == y[:PROBE_EXAMPLES]).sum())
+        self._check_gradients(defense, model, observed, x, y, probed)
         self._check_dynamic(deployed, x)
         return self.findings
 
@@ -262,11 +270,23 @@ class DefenseChecker:
             self._add(PASS, "outputs are logits", "outputs are not probability vectors")
 
     def _check_gradients(
-        self, defense: Defense, model: nn.Module, observed: dict[str, Any], x: torch.Tensor, y: torch.Tensor
+        self,
+        defense: Defense,
+        model: nn.Module,
+        observed: dict[str, Any],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        probed: int,
     ) -> None:
+        """Vanishing gradients fail a defense by the leaderboard's own rule (``gradients_vanish``):
+        one flat example of 64 is no masking, and must not fail a submission the leaderboard ranks."""
         ce, dlr = observed["vanishing_gradient_ce"], observed["vanishing_gradient_dlr"]
-        evidence = f"vanishing input gradients: {ce:.0%} of examples (cross-entropy), {dlr:.0%} (DLR)"
-        if dlr > 0:
+        n_ce, n_dlr = vanished_count(ce, probed), vanished_count(dlr, probed)
+        evidence = (
+            f"vanishing input gradients on {n_ce} of {probed} correctly classified examples ({ce:.0%}) with "
+            f"cross-entropy, {n_dlr} ({dlr:.0%}) with DLR"
+        )
+        if gradients_vanish(n_dlr, probed):
             if self.spec.differentiable:
                 self._add(
                     FAIL,
@@ -280,18 +300,21 @@ class DefenseChecker:
                 loss = nn.functional.cross_entropy(approximation(x_grad), y)
                 (grad,) = torch.autograd.grad(loss, x_grad)
             size = grad.flatten(1).abs().sum(1)
-            if (size < VANISHING_GRADIENT).any():
+            if gradients_vanish(int((size < VANISHING_GRADIENT).sum()), len(size)):
                 self._add(FAIL, "input gradients are non-zero", f"{evidence}; the declared approximation's also vanish")
             else:
                 self._add(PASS, "input gradients are non-zero", f"{evidence}; declared non-differentiable, BPDA works")
-        elif ce > 0 and not self.spec.saturates_softmax:
+        elif gradients_vanish(n_ce, probed) and not self.spec.saturates_softmax:
             self._add(
                 FAIL,
                 "input gradients are non-zero",
                 f"{evidence}: the softmax saturates; declare saturates_softmax=True so logit losses are used",
             )
-        elif ce > 0:
+        elif gradients_vanish(n_ce, probed):
             self._add(WARN, "input gradients are non-zero", f"{evidence} (declared saturates_softmax)")
+        elif n_ce or n_dlr:
+            threshold = f"{ZERO_GRADIENT_MIN_FRACTION:.0%} and {ZERO_GRADIENT_MIN_COUNT} examples"
+            self._add(PASS, "input gradients are non-zero", f"{evidence}: below the masking threshold ({threshold})")
         else:
             self._add(PASS, "input gradients are non-zero", evidence)
 

@@ -69,6 +69,11 @@ def _build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--retry-failed", action="store_true", help="re-run failed cells, trainings, evaluations")
     nightly.add_argument("--quiet", action="store_true", help="no progress output")
     nightly.add_argument(
+        "--baseline",
+        action="store_true",
+        help="this is the database's first nightly run (without it, a database with no previous nightly run fails)",
+    )
+    nightly.add_argument(
         "--max-slowdown", type=float, default=1.5, help="flag an attack this many times slower per example"
     )
     _add_execution_arguments(nightly)
@@ -348,7 +353,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    from bench.commands.nightly import record_and_report
+    from bench.commands.nightly import record_and_report, require_previous
     from bench.execution.launch import run_matrix
     from bench.execution.progress import Progress
     from bench.foundation.config import load_spec
@@ -359,6 +364,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     spec = load_spec(args.config, quick=args.quick)
     _check_database_path(args.db)
     _check_folder(args.out, "--out")
+    require_previous(args.db, args.baseline)
     result = run_matrix(
         spec,
         args.db,

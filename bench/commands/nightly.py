@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.execution.runner import RunSummary
+from bench.foundation.errors import RobustMatrixError
 from bench.storage.store import Store
 from leaderboard.metrics import wilson_interval
 
@@ -49,6 +50,24 @@ def outside(before: float, after: float, n: int) -> tuple[bool, tuple[float, flo
     """Whether ``after`` lies outside the 95% interval of ``before`` measured on ``n`` examples."""
     low, high = wilson_interval(round(before * n), n)
     return not (low - 1e-12 <= after <= high + 1e-12), (low, high)
+
+
+def require_previous(db_path: str | Path, baseline: bool) -> None:
+    """Refuse a nightly run with nothing to compare against unless ``--baseline`` says it is the
+    first: a database lost between nights (an evicted CI cache) would otherwise make every night a
+    silent new baseline that reports no change. Checked before the matrix runs, not after hours."""
+    if baseline:
+        return
+    path = Path(db_path)
+    previous = 0
+    if path.is_file() and path.stat().st_size > 0:
+        with Store.open_existing(path) as store:
+            previous = len(store.nightly_snapshots())
+    if not previous:
+        raise RobustMatrixError(
+            f"no previous nightly run in {path} to compare with; pass --baseline if this is the first "
+            "night of this database (was it lost since the last night?)"
+        )
 
 
 # ------------------------------------------------------------------------------- masking flags

@@ -5,8 +5,11 @@ Measured with pytest-benchmark (`tox -e bench`; once, as a smoke test, in every 
 from __future__ import annotations
 
 import itertools
+import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import pytest
 
 from bench.storage.merge import merge_databases
 from bench.storage.store import CellRecord, Store
@@ -50,8 +53,50 @@ def _cells(count: int, salt: int = 0) -> list[CellRecord]:
     return records
 
 
+WRITE = re.compile(r"\s*(INSERT|UPDATE|DELETE|REPLACE)\b", re.I)
+
+
+def _transactions(store: Store, write: Callable[[], object]) -> list[list[str]]:
+    """The statements of each transaction ``write`` makes, as SQLite executes them (its trace
+    callback); a write outside BEGIN ... COMMIT (autocommit: a transaction of its own) fails."""
+    statements: list[str] = []
+    store.connection.set_trace_callback(statements.append)
+    try:
+        write()
+    finally:
+        store.connection.set_trace_callback(None)
+    transactions: list[list[str]] = []
+    current: list[str] | None = None
+    for statement in statements:
+        word = statement.strip().split()[0].upper()
+        if word == "BEGIN":
+            assert current is None, "nested BEGIN"
+            current = []
+        elif word in ("COMMIT", "END"):
+            assert current is not None, "COMMIT without BEGIN"
+            transactions.append(current)
+            current = None
+        elif WRITE.match(statement):
+            assert current is not None, f"a write outside a transaction: {statement[:60]}"
+            current.append(statement)
+    assert current is None, "a transaction left open"
+    return transactions
+
+
+def _assert_one_transaction_per_cell(store: Store, records: Sequence[CellRecord]) -> None:
+    before = store.connection.total_changes
+    transactions = _transactions(store, lambda: [store.put_cell(record) for record in records])
+    assert len(transactions) == len(records), f"{len(transactions)} transactions for {len(records)} cells"
+    for record, statements in zip(records, transactions, strict=True):
+        inserts = [s for s in statements if s.lstrip().upper().startswith("INSERT") and record.cell_key in s]
+        assert len(inserts) == 1, f"cell {record.cell_key}: {statements}"
+    assert store.connection.total_changes - before == len(records), "one row per cell, nothing else"
+
+
 def test_the_driver_stores_cells_one_transaction_each(benchmark, tmp_path):
     records = _cells(CELLS)
+    with Store.open(tmp_path / "traced.db") as store:
+        _assert_one_transaction_per_cell(store, records)
     paths = (tmp_path / f"w{i}.db" for i in itertools.count())
 
     def fresh():
@@ -64,6 +109,22 @@ def test_the_driver_stores_cells_one_transaction_each(benchmark, tmp_path):
 
     benchmark.pedantic(write, setup=fresh, rounds=3)
     benchmark.extra_info["cells_per_second"] = CELLS / benchmark.stats.stats.mean if benchmark.stats else None
+
+
+def test_the_transaction_count_catches_a_split_write(tmp_path, monkeypatch):
+    """The oracle can fail: a store that commits between deleting a failed cell and inserting its
+    retry (two transactions, a window where the cell is gone) is caught."""
+    records = _cells(3)
+    split = Store.put_cell
+
+    def put_cell(self: Store, record: CellRecord, **kwargs: object) -> bool:
+        with self.connection:
+            self.connection.execute("DELETE FROM cells WHERE cell_key = ? AND status = 'failed'", (record.cell_key,))
+        return split(self, record, replace_failed=False)
+
+    monkeypatch.setattr(Store, "put_cell", put_cell)
+    with Store.open(tmp_path / "split.db") as store, pytest.raises(AssertionError, match="6 transactions for 3"):
+        _assert_one_transaction_per_cell(store, records)
 
 
 def test_merging_shards(benchmark, tmp_path):
