@@ -124,3 +124,24 @@ def test_a_cascade_key_changes_with_any_member_and_cascades_share_their_members_
             owner = [i for i in range(1, count + 1) if Shard(i, count).owns(cascade.group_key)]
             for key in cascade.members:
                 assert Shard(owner[0], count).owns(by_key[key].group_key)
+
+
+@pytest.mark.parametrize(
+    ("defense_id", "black_box"),
+    [("random-resize-pad-v1", True), ("art-jpeg-v1", True), ("distillation-v1", False), ("pgd-at-linf-v1", False)],
+)
+def test_the_black_box_stage_runs_where_gradients_cannot_be_trusted(digits, defense_id, black_box):
+    """AutoAttack's Square escalates on a randomized or non-differentiable defense, not on one whose
+    gradients (or, for a saturated softmax, logits) are honest; the cascade's key follows."""
+    kwargs = DEFENSES.get(defense_id).resolve_kwargs("digits")
+    training = TrainingJob("t" * 32, defense_id, kwargs, "digits", 0, "x.pt")
+    row = {"observed": json.dumps({}), "clean_mask": encode_mask(torch.ones(10, dtype=torch.bool).numpy())}
+    jobs = Runner(MatrixSpec(eps={"linf": (0.1,)}, n_eval=10), digits, executor=None).cell_jobs(
+        training, row, {0: training}
+    )
+    cascade = next(j for j in jobs if j.attack_id == "adaptive-worst-case-linf-v1")
+    assert cascade.attack_kwargs["black_box"] is black_box
+    ran = {attack_id for attack_id, _ in cascade.member_versions}
+    assert ("square-linf-v1" in ran) is black_box
+    attack = AdaptiveWorstCase(0.1, "linf", **{k: v for k, v in cascade.attack_kwargs.items() if k != "norm"})
+    assert any(type(m).__name__ == "Square" for m in attack.members) is black_box

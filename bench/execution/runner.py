@@ -90,6 +90,12 @@ FAMILY_ORDER = {
 """Cascade order: attacks the defense's nature calls for first, then white-box, then the rest."""
 
 
+BLACK_BOX_NEEDS = ("randomized", "non-differentiable")
+"""A defense that meets an adaptive attack for one of these has gradients no white-box stage can
+trust; the cascade adds its black-box stages there. (A saturated softmax is not among them: its
+logits are honest, and the logit losses and APGD-T's targeted DLR read them.)"""
+
+
 def is_cascade(attack: AttackSpec) -> bool:
     """A cascade (the adaptive worst case) takes its escalation stages as a kwarg."""
     return "stages" in attack.kwargs
@@ -242,11 +248,15 @@ class Runner:
                 **self.attack_kwargs[cascade.id],
                 "members": [[m.id, self.attack_kwargs[m.id]] for m in adaptive],
                 "bpda": not nature.get("differentiable", True) or bpda_fallback,
+                # Gradients that cannot be trusted (a randomized or non-differentiable defense,
+                # declared or observed): AutoAttack's black-box stage too.
+                "black_box": any(m.applies_to in BLACK_BOX_NEEDS for m in adaptive),
             }
             needs_surrogate = any(m.needs_surrogate for m in adaptive)
             surrogate = surrogates.get(training.seed) if needs_surrogate else None
             member_ids = {m.id for m in members}
-            runs = [*adaptive, *(ATTACKS.get(stage) for stage, _ in kwargs["stages"])]
+            stages = [*kwargs["stages"], *(kwargs["black_box_stages"] if kwargs["black_box"] else [])]
+            runs = [*adaptive, *(ATTACKS.get(stage) for stage, _ in stages)]
             versions = tuple((m.id, m.code_version()) for m in runs)
             below: list[str] = []
             for eps in sorted(self.eps_grid(cascade)):
