@@ -23,6 +23,7 @@ unless ``--executor ray`` is asked for.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -121,13 +122,17 @@ def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: byt
     if training is None or checkpoint is None:
         return
     path = bench.checkpoint_dir / training.checkpoint
-    if path.exists() and path.stat().st_size == len(checkpoint):
-        return
+    if path.exists() and _sha256(path) == hashlib.sha256(checkpoint).hexdigest():
+        return  # a file of the same size may be another model (a truncated or foreign write)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as handle:
         handle.write(checkpoint)
     os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def train_task(
@@ -195,20 +200,23 @@ class RayExecutor(Executor):
     _checkpoints: dict[str, Any] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        self.ray = import_ray(local=self.address is None)
+        # ``--address local`` is the same new instance as no address, so it gets the same loopback-only
+        # hardening: a local instance bound to every interface would take jobs from anyone who can reach it.
+        local = self.address in (None, "local")
+        self.ray = import_ray(local=local)
         self._started_here = False
         if not self.ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, **self.init_kwargs}
-            if self.address is None:
+            if local:
                 # "local" starts a new instance even where RAY_ADDRESS or `ray start` names a cluster:
                 # joining one is what --address is for.
                 kwargs.setdefault("_node_ip_address", "127.0.0.1")
             else:
-                require_reachable(self.address)
+                require_reachable(str(self.address))
             try:
-                self.ray.init(address=self.address or "local", **kwargs)
+                self.ray.init(address="local" if local else self.address, **kwargs)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                where = "a local Ray instance" if local else f"the Ray cluster at {self.address}"
                 raise RobustMatrixError(f"cannot start or reach {where}: {failure_reason(exc)}") from None
             self._started_here = True
         try:
