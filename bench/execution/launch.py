@@ -120,6 +120,7 @@ def make_executor(
         cpus_per_task=options.cpus_per_task,
         gpus_per_task=options.gpus_per_task,
         gpus_per_training=options.gpus_per_training,
+        training_timeout=spec.training_timeout,
     )
     return executor, f"{executor.settings.device} (ray)"
 
