@@ -253,6 +253,8 @@ class RayExecutor(Executor):
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
     _pending: dict[Any, _Pending] = field(default_factory=dict, init=False)
     _checkpoints: dict[str, Any] = field(default_factory=dict, init=False)
+    _clock: Any = field(default=None, init=False)
+    """The Clock actor, started with the first budgeted job."""
 
     def __post_init__(self) -> None:
         # ``--address local`` is the same new instance as no address, so it gets the same loopback-only
@@ -285,7 +287,6 @@ class RayExecutor(Executor):
         self._train = remote(train_task).options(num_returns=2, num_gpus=self.gpus_per_training if gpu else 0, **common)
         self._evaluate = remote(evaluate_task).options(num_gpus=self.gpus_per_task if gpu else 0, **common)
         self._cell = remote(cell_task).options(num_gpus=self.gpus_per_task if gpu else 0, **common)
-        self._clock: Any = None  # started with the first budgeted job
 
     # ------------------------------------------------------------------------- submitting
     def submit(self, job: Job) -> None:
