@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 
+from bench.execution.executor import GRACE_SECONDS, JobFailure
 from bench.execution.jobs import CellJob, TrainingJob
 from bench.execution.pool_executor import MAX_AUTO_WORKERS, PoolExecutor, _affinity, auto_workers
+from bench.execution.worker import WorkerSettings
 from tests.components import HEADER, components
 from tests.conftest import TINY_MATRIX, run_cli, write_matrix
 from tests.test_runner import snapshot
@@ -193,3 +196,68 @@ def test_workers_die_with_a_killed_driver(tmp_path):
         while _processes_in(work) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _processes_in(work) == [], "the worker outlived its driver"
+
+
+WEDGED = (
+    HEADER
+    + '''
+import signal
+
+
+@register_attack("wedged-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))
+class Wedged(Attack):
+    """Stuck where SIGALRM cannot reach it, as in C code or a GPU kernel: the signal is blocked, so the
+    worker's own budget never fires (bounded, so a driver that fails to kill it fails the test)."""
+
+    def generate(self, victim, x, y):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(45)
+        return x
+'''
+)
+
+
+def test_a_cell_stuck_beyond_sigalrm_is_killed_by_the_driver(tmp_path):
+    """cell_timeout + grace after a worker took the cell, the driver kills that worker, stores the
+    cell as failed and lets a new worker run the rest."""
+    with components(tmp_path / "mods", WEDGED):
+        config = write_matrix(
+            tmp_path / "matrix.toml",
+            TINY_MATRIX.replace('"fgsm-linf-v1", "pgd-linf-v1"', '"fgsm-linf-v1", "wedged-linf-v1"')
+            .replace('"standard-v1", "pgd-at-linf-v1"', '"standard-v1"')
+            .replace("n_eval = 60", "n_eval = 60\ncell_timeout = 1"),
+        )
+        db = tmp_path / "r.db"
+        started = time.monotonic()
+        result = run_cli("run", "--config", str(config), "--quiet", "--workers", "2", "--db", str(db))
+        elapsed = time.monotonic() - started
+    assert result.code == 1, result.stderr
+    assert elapsed < 40, "the driver waited for the stuck attack instead of killing it"
+    cells = sqlite3.connect(db).execute("SELECT attack_id, status, error FROM cells ORDER BY attack_id, eps")
+    reason = f"timeout: cell ran past its time budget of 1 s and {GRACE_SECONDS:g} s of grace; killed by the driver"
+    assert cells.fetchall() == [
+        ("fgsm-linf-v1", "ok", None),
+        ("fgsm-linf-v1", "ok", None),
+        ("wedged-linf-v1", "failed", reason),
+        ("wedged-linf-v1", "failed", reason),
+    ]
+
+
+def test_a_training_past_its_timeout_is_killed_by_the_driver(tmp_path):
+    """training_timeout (no SIGALRM inside a training) is the driver's alone: the training fails
+    with the reason, and its clock starts when the worker takes the job, not while it starts up."""
+    with components(tmp_path / "mods", SLOW_TRAINING) as module:
+        settings = WorkerSettings("digits", "cpu", modules=(module.name,), checkpoint_cache=str(tmp_path))
+        pool = PoolExecutor(settings, 1, training_timeout=1, grace=0.5)
+        try:
+            job = TrainingJob("5" * 32, "sleepy-v1", {}, "digits", 0, "sleepy.pt")
+            pool.submit(job)
+            outcome = pool.next_finished()
+            assert isinstance(outcome, JobFailure) and outcome.job == job
+            assert (
+                outcome.error
+                == "timeout: training ran past its time budget of 1 s and 0.5 s of grace; killed by the driver"
+            )
+            assert pool.pending() == 0 and pool._workers[0].process.is_alive(), "a new worker took its place"
+        finally:
+            pool.close()

@@ -193,3 +193,118 @@ def test_a_cell_checks_every_attack_its_cascade_runs(tmp_path):
     assert version_mismatch(cell, expected) is None
     tampered = {**expected, "attack:square-linf-v1": "other"}
     assert "the worker's attack:square-linf-v1" in version_mismatch(cell, tampered)
+
+
+class _FakeRay:
+    """Records how the executor starts Ray, without starting it."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def is_initialized(self) -> bool:
+        return False
+
+    def init(self, **kwargs) -> None:
+        self.calls.append(kwargs)
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": 1.0}
+
+    def remote(self, function):
+        return self
+
+    def options(self, **kwargs):
+        return self
+
+
+def test_address_local_is_the_same_loopback_only_instance_as_no_address(tmp_path, monkeypatch):
+    """`--address local` starts a new instance exactly as no address does: bound to 127.0.0.1 (it
+    listened on every interface, without authentication, for anyone who could reach the node)."""
+    import bench.execution.ray_executor as ray_executor
+
+    started = {}
+    for address in (None, "local"):
+        fake = _FakeRay()
+        monkeypatch.setattr(ray_executor, "import_ray", lambda local, fake=fake: fake)
+        ray_executor.RayExecutor(ray_executor.WorkerSettings("digits", "cpu"), tmp_path, address=address)
+        (started[address],) = fake.calls
+    assert started[None]["_node_ip_address"] == "127.0.0.1" and started[None]["address"] == "local"
+    assert started["local"] == started[None]
+
+
+def test_the_worker_checkpoint_cache_is_private_to_its_user(tmp_path, monkeypatch):
+    """The default cache lives in the node's shared temp folder: created 0700 under the user's uid;
+    a folder another user owns or may write to is refused in one line, never used."""
+    import stat
+
+    from bench.execution.worker import WorkerSettings, private_cache, workbench_for
+    from bench.foundation.errors import RobustMatrixError
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    bench = workbench_for(WorkerSettings("digits", "cpu", data_dir=str(tmp_path / "data")))
+    folder = tmp_path / f"robustmatrix-ray-{os.getuid()}"
+    assert bench.checkpoint_dir == folder / "checkpoints" == private_cache()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+    folder.chmod(0o777)
+    with pytest.raises(RobustMatrixError, match=r"is writable by others \(mode 777\); chmod 700 it"):
+        private_cache()
+    folder.chmod(0o700)
+    real = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real + 1)  # the folder is now someone else's
+    (tmp_path / f"robustmatrix-ray-{os.getuid()}").mkdir(mode=0o700)
+    with pytest.raises(RobustMatrixError, match=r"belongs to another user \(uid \d+\); remove it"):
+        private_cache()
+
+
+def test_a_cached_checkpoint_is_reused_only_when_its_digest_matches(tmp_path):
+    """A cached file of the right size but other bytes (a truncated write, someone else's model) is
+    replaced by the driver's checkpoint: the cache compares sha256 digests, not sizes."""
+    from types import SimpleNamespace
+
+    from bench.execution.jobs import TrainingJob
+    from bench.execution.ray_executor import _materialize
+
+    training = TrainingJob("t" * 32, "standard-v1", {}, "digits", 0, "model.pt")
+    cached = tmp_path / "model.pt"
+    cached.write_bytes(b"planted model!")
+    shipped = b"driver's model"
+    assert len(shipped) == len(cached.read_bytes())
+    _materialize(SimpleNamespace(checkpoint_dir=tmp_path), training, shipped)  # type: ignore[arg-type]
+    assert cached.read_bytes() == shipped
+    before = cached.stat().st_mtime_ns
+    _materialize(SimpleNamespace(checkpoint_dir=tmp_path), training, shipped)  # type: ignore[arg-type]
+    assert cached.stat().st_mtime_ns == before, "an identical checkpoint is not written again"
+
+
+def test_a_cell_stuck_beyond_sigalrm_is_cancelled_by_the_ray_driver(local_ray, user_modules, tmp_path):
+    """A task blocked where its own SIGALRM cannot reach it is force-cancelled by the driver once it
+    has *run* (not waited in Ray's queue) for cell_timeout + grace, and stored as failed."""
+    import time
+
+    from bench.execution.executor import GRACE_SECONDS
+    from tests.test_executor_pool import WEDGED
+
+    with components(user_modules, WEDGED):
+        config = write_matrix(
+            tmp_path / "matrix.toml",
+            TINY_MATRIX.replace('"fgsm-linf-v1", "pgd-linf-v1"', '"fgsm-linf-v1", "wedged-linf-v1"')
+            .replace('"standard-v1", "pgd-at-linf-v1"', '"standard-v1"')
+            .replace("n_eval = 60", "n_eval = 60\ncell_timeout = 1"),
+        )
+        db = tmp_path / "r.db"
+        started = time.monotonic()
+        result = run_cli("run", "--config", str(config), "--quiet", "--executor", "ray", "--db", str(db))
+        elapsed = time.monotonic() - started
+    assert result.code == 1, result.stderr
+    assert elapsed < 40, "the driver waited for the stuck attack instead of cancelling it"
+    connection = sqlite3.connect(db)
+    cells = connection.execute("SELECT attack_id, status, error FROM cells ORDER BY attack_id, eps").fetchall()
+    connection.close()
+    reason = f"timeout: cell ran past its time budget of 1 s and {GRACE_SECONDS:g} s of grace; killed by the driver"
+    assert cells == [
+        ("fgsm-linf-v1", "ok", None),
+        ("fgsm-linf-v1", "ok", None),
+        ("wedged-linf-v1", "failed", reason),
+        ("wedged-linf-v1", "failed", reason),
+    ]

@@ -2,7 +2,8 @@
 
 Bad input never produces a traceback: every user-facing problem is a ``RobustMatrixError`` printed
 as one line, with exit status 2. A run that completes with failed cells exits 1; Ctrl-C exits 130
-(everything finished so far is already in the database). An unexpected internal error prints one
+(everything finished so far is already in the database), and so does SIGTERM — Slurm's time limit — with
+exit status 143. An unexpected internal error prints one
 line naming where it happened and exits 3; ROBUSTMATRIX_DEBUG=1 re-raises it with its traceback.
 """
 
@@ -11,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -22,6 +25,7 @@ from typing import NoReturn
 from bench.foundation.errors import RobustMatrixError
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 DEFAULT_RESULTS = Path("results")
 
 
@@ -445,7 +449,26 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, like Ctrl-C: Python's default would end the process at
+    once, leaving its run marked ``running`` and its workers without a driver."""
+
+
+def _terminated(signum: int, frame: object) -> NoReturn:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _build_parser().parse_args(argv)
         if args.command not in ("leaderboard", "merge", "new-defense"):
@@ -458,9 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-    except KeyboardInterrupt:
-        print("robustmatrix: interrupted; finished cells are saved, run the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        why = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"robustmatrix: {why}; finished cells are saved, run the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:
         if os.environ.get("ROBUSTMATRIX_DEBUG"):
             raise

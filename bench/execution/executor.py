@@ -60,6 +60,28 @@ def job_failed(job: Job, reason: str) -> Outcome | JobFailure:
     return failed_cell(job, reason) if isinstance(job, CellJob) else JobFailure(job, reason)
 
 
+GRACE_SECONDS = 10.0
+"""How long past its budget a job in a worker process or Ray task may run before the driver kills
+it. ``SIGALRM`` stops Python code inside the worker; the grace lets it do so (and record what it
+can) before the driver assumes the job is stuck where no signal reaches: C code, a GPU kernel."""
+
+
+def driver_limit(job: Job, training_timeout: float | None) -> float | None:
+    """The budget the driver enforces on ``job`` (before the grace): a cell's ``cell_timeout``,
+    a training's ``training_timeout``; None for evaluations and unbudgeted jobs."""
+    if isinstance(job, CellJob):
+        return job.timeout
+    return training_timeout if isinstance(job, TrainingJob) else None
+
+
+def killed_by_driver(job: Job, limit: float, grace: float) -> Outcome | JobFailure:
+    """The failed outcome of a job the driver killed for running past ``limit`` + ``grace`` seconds."""
+    kind = "cell" if isinstance(job, CellJob) else "training" if isinstance(job, TrainingJob) else "evaluation"
+    return job_failed(
+        job, f"timeout: {kind} ran past its time budget of {limit:g} s and {grace:g} s of grace; killed by the driver"
+    )
+
+
 class Executor(ABC):
     @abstractmethod
     def submit(self, job: Job) -> None:

@@ -95,7 +95,8 @@ def make_executor(
                 component_modules(spec),
                 checkpoint_cache=str(checkpoint_dir(db_path)),
             )
-            return PoolExecutor(settings, workers), f"{device} ({workers} workers)"
+            pool = PoolExecutor(settings, workers, training_timeout=spec.training_timeout)
+            return pool, f"{device} ({workers} workers)"
         workbench = Workbench(
             spec.dataset,
             device,
@@ -119,6 +120,7 @@ def make_executor(
         cpus_per_task=options.cpus_per_task,
         gpus_per_task=options.gpus_per_task,
         gpus_per_training=options.gpus_per_training,
+        training_timeout=spec.training_timeout,
     )
     return executor, f"{executor.settings.device} (ray)"
 

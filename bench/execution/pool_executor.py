@@ -9,6 +9,8 @@ Jobs go to idle workers in the local executor's order (cells, then evaluations, 
 The eps cells of one minimum-norm attack on one defense share a single minimal run, cached in the
 worker that made it, so they all go to that worker. A worker that dies (killed, out of memory)
 costs only the job it was running, recorded as failed with the reason; a new worker takes its place.
+So does a worker whose cell (or training) runs past its budget plus ``GRACE_SECONDS``: the driver
+kills it, since a job stuck in C code or a GPU kernel never sees ``SIGALRM``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,24 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from bench.execution.executor import PRIORITY, Executor, Job, JobFailure, Outcome, job_failed, run_job
+from bench.execution.executor import (
+    GRACE_SECONDS,
+    PRIORITY,
+    Executor,
+    Job,
+    JobFailure,
+    Outcome,
+    driver_limit,
+    job_failed,
+    killed_by_driver,
+    run_job,
+)
 from bench.execution.jobs import CellJob
 from bench.execution.workbench import failure_reason, minimal_run_key
 from bench.execution.worker import WorkerSettings, workbench_for
@@ -47,6 +62,10 @@ def auto_workers(device: str) -> int:
     return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
+STARTED = -1
+"""What a worker sends when it takes a job, before its outcome: the driver's budget clock starts."""
+
+
 def _die_with_parent() -> None:
     """Linux: a worker is killed when the driver dies (kill -9 included) instead of finishing its
     job for nobody. Elsewhere the closed pipe stops it after its current job."""
@@ -62,7 +81,10 @@ def serve(connection: Connection, settings: WorkerSettings) -> None:
     """A worker's loop: run each job it is sent and send its outcome back; stop at None or when the
     driver is gone."""
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    # Ctrl-C and Slurm's SIGTERM reach the whole process group: they are the driver's to handle (it
+    # records the run as interrupted, then kills its workers), not a reason to fail the running job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         bench, broken = workbench_for(settings), None
     except Exception as exc:  # noqa: BLE001 - every job this worker is sent fails with the reason
@@ -75,6 +97,10 @@ def serve(connection: Connection, settings: WorkerSettings) -> None:
         if message is None:
             return
         number, job = message
+        try:
+            connection.send((STARTED, None))
+        except (BrokenPipeError, ConnectionError):
+            return
         outcome = run_job(bench, job) if bench is not None else job_failed(job, broken or "")
         try:
             connection.send((number, outcome))
@@ -87,6 +113,8 @@ class _Worker:
     process: Any
     connection: Connection
     running: tuple[int, Job] | None = None
+    deadline: float | None = None
+    """``time.monotonic()`` past which the driver kills the running job (None: no budget)."""
 
 
 def _affinity(job: Job) -> str | None:
@@ -99,10 +127,18 @@ def _affinity(job: Job) -> str | None:
 class PoolExecutor(Executor):
     """``workers`` processes, each running one job at a time; outcomes come back in completion order."""
 
-    def __init__(self, settings: WorkerSettings, workers: int) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        workers: int,
+        training_timeout: float | None = None,
+        grace: float = GRACE_SECONDS,
+    ) -> None:
         if workers < 1:
             raise RobustMatrixError(f"--workers must be at least 1, got {workers}")
         self.settings = settings
+        self.training_timeout = training_timeout
+        self.grace = grace
         self._context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has threads
         self._queue: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
@@ -126,20 +162,32 @@ class PoolExecutor(Executor):
 
     def next_finished(self) -> Outcome | JobFailure:
         self._dispatch()
-        busy = {worker.connection: worker for worker in self._workers if worker.running is not None}
-        if not busy:
-            raise RuntimeError("next_finished() with no job submitted")
-        worker = busy[wait(list(busy))[0]]
-        number, job = worker.running  # type: ignore[misc]
-        try:
-            finished, outcome = worker.connection.recv()
-            if finished != number:  # pragma: no cover - one job per worker at a time
-                raise RuntimeError(f"worker answered job {finished} while running {number}")
-        except (EOFError, OSError):
-            outcome = self._lost(worker, job)
-        worker.running = None
-        self._dispatch()
-        return outcome
+        while True:
+            busy = {worker.connection: worker for worker in self._workers if worker.running is not None}
+            if not busy:
+                raise RuntimeError("next_finished() with no job submitted")
+            ready = wait(list(busy), timeout=self._time_left(busy.values()))
+            if not ready:
+                overdue = [w for w in busy.values() if w.deadline is not None and time.monotonic() >= w.deadline]
+                if overdue:
+                    return self._kill(overdue[0])
+                continue
+            worker = busy[ready[0]]  # type: ignore[index]
+            number, job = worker.running  # type: ignore[misc]
+            try:
+                finished, outcome = worker.connection.recv()
+            except (EOFError, OSError):
+                outcome = self._lost(worker, job)
+            else:
+                if finished == STARTED:  # the job's clock starts now, not while the worker imports torch
+                    limit = driver_limit(job, self.training_timeout)
+                    worker.deadline = None if limit is None else time.monotonic() + limit + self.grace
+                    continue
+                if finished != number:  # pragma: no cover - one job per worker at a time
+                    raise RuntimeError(f"worker answered job {finished} while running {number}")
+            worker.running, worker.deadline = None, None
+            self._dispatch()
+            return outcome
 
     def close(self) -> None:
         for worker in self._workers:
@@ -148,7 +196,7 @@ class PoolExecutor(Executor):
         for worker in self._workers:
             worker.process.join(timeout=5 if worker.running is None else 0)
             if worker.process.is_alive():
-                worker.process.terminate()
+                worker.process.kill()  # workers ignore SIGTERM
                 worker.process.join(timeout=5)
             worker.connection.close()
         self._workers = []
@@ -164,7 +212,7 @@ class PoolExecutor(Executor):
                 job = self._take_for(index)
                 if job is not None:
                     number = next(self._order)
-                    worker.running = (number, job)
+                    worker.running, worker.deadline = (number, job), None
                     worker.connection.send((number, job))
 
     def _take_for(self, index: int) -> Job | None:
@@ -181,6 +229,26 @@ class PoolExecutor(Executor):
         for entry in skipped:
             heapq.heappush(self._queue, entry)
         return chosen
+
+    @staticmethod
+    def _time_left(workers: Iterable[_Worker]) -> float | None:
+        """Seconds until the first running job's deadline (None: wait for as long as it takes)."""
+        deadlines = [worker.deadline for worker in workers if worker.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _kill(self, worker: _Worker) -> Outcome | JobFailure:
+        """Kill a worker whose job ran past its budget and grace — stuck where ``SIGALRM`` cannot
+        reach (C code, a GPU kernel), so it would never answer — and fail that job; a new worker
+        takes its place."""
+        _, job = worker.running  # type: ignore[misc]
+        worker.process.kill()
+        worker.process.join(timeout=5)
+        worker.connection.close()
+        replacement = self._start()
+        worker.process, worker.connection = replacement.process, replacement.connection
+        worker.running, worker.deadline = None, None
+        self._dispatch()
+        return killed_by_driver(job, driver_limit(job, self.training_timeout) or 0.0, self.grace)
 
     def _lost(self, worker: _Worker, job: Job) -> Outcome | JobFailure:
         """The worker died with ``job``: that job fails with the reason, a new worker takes its place."""

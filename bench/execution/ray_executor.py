@@ -16,6 +16,11 @@ With CUDA, a training task asks Ray for ``gpus_per_training`` GPUs and an evalua
 ``cpus_per_task`` threads: CPU results are bit-identical to the local executor's at the same
 number of threads.
 
+A cell (or training) still running ``GRACE_SECONDS`` past its budget is stuck where ``SIGALRM``
+cannot reach (C code, a GPU kernel): the driver cancels its task with ``force=True``, which kills the
+worker process, and stores the job as failed. A small actor (:class:`Clock`) tells how long each task
+has run, since a task's time in Ray's queue is not its time running.
+
 Ray is an optional dependency (``pip install 'robustmatrix[ray]'``); nothing imports this module
 unless ``--executor ray`` is asked for.
 """
@@ -23,16 +28,28 @@ unless ``--executor ray`` is asked for.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.execution.executor import Executor, Job, JobFailure, Outcome, job_failed, run_job
+from bench.execution.executor import (
+    GRACE_SECONDS,
+    Executor,
+    Job,
+    JobFailure,
+    Outcome,
+    driver_limit,
+    job_failed,
+    killed_by_driver,
+    run_job,
+)
 from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
 from bench.execution.workbench import Workbench, failed_cell, failure_reason
 from bench.execution.worker import WorkerSettings, workbench_for
@@ -121,8 +138,8 @@ def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: byt
     if training is None or checkpoint is None:
         return
     path = bench.checkpoint_dir / training.checkpoint
-    if path.exists() and path.stat().st_size == len(checkpoint):
-        return
+    if path.exists() and _sha256(path) == hashlib.sha256(checkpoint).hexdigest():
+        return  # a file of the same size may be another model (a truncated or foreign write)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as handle:
@@ -130,9 +147,44 @@ def _materialize(bench: Workbench, training: TrainingJob | None, checkpoint: byt
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Clock:
+    """A Ray actor that knows how long each budgeted task has been running. The driver cannot tell:
+    a task waits in Ray's queue for a free CPU or GPU, so its time since submission is not its time
+    running. Each task reports its start; durations are measured on the actor's own clock."""
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+
+    def start(self, key: str) -> None:
+        self._started[key] = time.monotonic()
+
+    def running_for(self, keys: list[str]) -> dict[str, float]:
+        now = time.monotonic()
+        return {key: now - self._started[key] for key in keys if key in self._started}
+
+    def forget(self, key: str) -> None:
+        self._started.pop(key, None)
+
+
+def _job_key(job: Job) -> str:
+    if isinstance(job, TrainingJob):
+        return job.training_key
+    return job.eval_key if isinstance(job, EvaluationJob) else job.cell_key
+
+
+def _started(clock: Any, job: Job) -> None:
+    if clock is not None:
+        clock.start.remote(_job_key(job))
+
+
 def train_task(
-    settings: WorkerSettings, job: TrainingJob, expected: Mapping[str, str]
+    settings: WorkerSettings, job: TrainingJob, expected: Mapping[str, str], clock: Any = None
 ) -> tuple[Outcome | JobFailure, bytes | None]:
+    _started(clock, job)
     bench = workbench_for(settings)  # loads the components, whose versions are compared next
     mismatch = version_mismatch(job, expected)
     if mismatch:
@@ -144,8 +196,9 @@ def train_task(
 
 
 def evaluate_task(
-    settings: WorkerSettings, job: EvaluationJob, checkpoint: bytes, expected: Mapping[str, str]
+    settings: WorkerSettings, job: EvaluationJob, checkpoint: bytes, expected: Mapping[str, str], clock: Any = None
 ) -> Outcome | JobFailure:
+    _started(clock, job)
     bench = workbench_for(settings)
     mismatch = version_mismatch(job, expected)
     if mismatch:
@@ -160,7 +213,9 @@ def cell_task(
     checkpoint: bytes,
     surrogate_checkpoint: bytes | None,
     expected: Mapping[str, str],
+    clock: Any = None,
 ) -> Outcome | JobFailure:
+    _started(clock, job)
     bench = workbench_for(settings)
     mismatch = version_mismatch(job, expected)
     if mismatch:
@@ -176,6 +231,9 @@ class _Pending:
     job: Job
     checkpoint: Any = None
     """For a training: the reference to its checkpoint bytes (the task's second return value)."""
+    limit: float | None = None
+    """The job's budget, which the driver enforces (plus the grace) by cancelling the task."""
+    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -190,25 +248,32 @@ class RayExecutor(Executor):
     gpus_per_training: float = 1.0
     max_retries: int = 2
     """How often Ray re-runs a task whose worker process died (results are keyed, so re-running is safe)."""
+    training_timeout: float | None = None
+    grace: float = GRACE_SECONDS
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
     _pending: dict[Any, _Pending] = field(default_factory=dict, init=False)
     _checkpoints: dict[str, Any] = field(default_factory=dict, init=False)
+    _clock: Any = field(default=None, init=False)
+    """The Clock actor, started with the first budgeted job."""
 
     def __post_init__(self) -> None:
-        self.ray = import_ray(local=self.address is None)
+        # ``--address local`` is the same new instance as no address, so it gets the same loopback-only
+        # hardening: a local instance bound to every interface would take jobs from anyone who can reach it.
+        local = self.address in (None, "local")
+        self.ray = import_ray(local=local)
         self._started_here = False
         if not self.ray.is_initialized():
             kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, **self.init_kwargs}
-            if self.address is None:
+            if local:
                 # "local" starts a new instance even where RAY_ADDRESS or `ray start` names a cluster:
                 # joining one is what --address is for.
                 kwargs.setdefault("_node_ip_address", "127.0.0.1")
             else:
-                require_reachable(self.address)
+                require_reachable(str(self.address))
             try:
-                self.ray.init(address=self.address or "local", **kwargs)
+                self.ray.init(address="local" if local else self.address, **kwargs)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                where = "a local Ray instance" if local else f"the Ray cluster at {self.address}"
                 raise RobustMatrixError(f"cannot start or reach {where}: {failure_reason(exc)}") from None
             self._started_here = True
         try:
@@ -226,16 +291,23 @@ class RayExecutor(Executor):
     # ------------------------------------------------------------------------- submitting
     def submit(self, job: Job) -> None:
         expected = code_versions(job)
+        limit = driver_limit(job, self.training_timeout)
+        clock = self._budget_clock() if limit is not None else None
         if isinstance(job, TrainingJob):
-            record_ref, checkpoint_ref = self._train.remote(self.settings, job, expected)
-            self._pending[record_ref] = _Pending(job, checkpoint_ref)
+            record_ref, checkpoint_ref = self._train.remote(self.settings, job, expected, clock)
+            self._pending[record_ref] = _Pending(job, checkpoint_ref, limit)
             return
         if isinstance(job, EvaluationJob):
-            ref = self._evaluate.remote(self.settings, job, self._checkpoint(job.training), expected)
+            ref = self._evaluate.remote(self.settings, job, self._checkpoint(job.training), expected, clock)
         else:
             surrogate = self._checkpoint(job.surrogate) if job.surrogate is not None else None
-            ref = self._cell.remote(self.settings, job, self._checkpoint(job.training), surrogate, expected)
-        self._pending[ref] = _Pending(job)
+            ref = self._cell.remote(self.settings, job, self._checkpoint(job.training), surrogate, expected, clock)
+        self._pending[ref] = _Pending(job, limit=limit)
+
+    def _budget_clock(self) -> Any:
+        if self._clock is None:
+            self._clock = self.ray.remote(num_cpus=0)(Clock).remote()
+        return self._clock
 
     def _checkpoint(self, training: TrainingJob) -> Any:
         """The object-store reference of a defense's checkpoint (put once from the driver's file
@@ -252,7 +324,18 @@ class RayExecutor(Executor):
         return len(self._pending)
 
     def next_finished(self) -> Outcome | JobFailure:
-        (ref,), _ = self.ray.wait(list(self._pending), num_returns=1)
+        while True:
+            ready, _ = self.ray.wait(list(self._pending), num_returns=1, timeout=self._poll())
+            if ready:
+                break
+            overdue = self._overdue()
+            if overdue is not None:
+                entry = self._pending.pop(overdue)
+                with contextlib.suppress(Exception):  # it may have finished meanwhile: it is failed anyway
+                    self.ray.cancel(overdue, force=True)
+                    self._clock.forget.remote(_job_key(entry.job))
+                return killed_by_driver(entry.job, entry.limit or 0.0, self.grace)
+        (ref,) = ready
         entry = self._pending.pop(ref)
         try:
             result = self.ray.get(ref)
@@ -261,6 +344,38 @@ class RayExecutor(Executor):
         if isinstance(entry.job, TrainingJob):
             return self._trained(entry, result)
         return result
+
+    def _suspects(self) -> dict[Any, _Pending]:
+        """Budgeted tasks submitted longer ago than budget + grace: only these can be overdue."""
+        now = time.monotonic()
+        return {
+            ref: entry
+            for ref, entry in self._pending.items()
+            if entry.limit is not None and now - entry.submitted >= entry.limit + self.grace
+        }
+
+    def _poll(self) -> float | None:
+        """How long to wait for a result before checking budgets again (None: no budgeted task)."""
+        budgeted = [entry for entry in self._pending.values() if entry.limit is not None]
+        if not budgeted:
+            return None
+        now = time.monotonic()
+        return max(1.0, min(entry.submitted + (entry.limit or 0.0) + self.grace - now for entry in budgeted))
+
+    def _overdue(self) -> Any:
+        """The reference of a task running past its budget and grace, on the clock actor's count."""
+        suspects = self._suspects()
+        if not suspects:
+            return None
+        keys = {_job_key(entry.job): ref for ref, entry in suspects.items()}
+        try:
+            running = self.ray.get(self._clock.running_for.remote(list(keys)), timeout=30)
+        except Exception:  # noqa: BLE001 - the clock is unreachable: check again at the next poll
+            return None
+        for key, seconds in running.items():
+            if seconds >= (suspects[keys[key]].limit or 0.0) + self.grace:
+                return keys[key]
+        return None
 
     def _trained(self, entry: _Pending, outcome: Outcome | JobFailure) -> Outcome | JobFailure:
         """Save a finished training's checkpoint beside the driver's database, then hand back its
@@ -287,6 +402,10 @@ class RayExecutor(Executor):
                 self.ray.cancel(ref, force=True)
         self._pending.clear()
         self._checkpoints.clear()
+        if self._clock is not None:
+            with contextlib.suppress(Exception):
+                self.ray.kill(self._clock)
+            self._clock = None
         if self._started_here and self.ray.is_initialized():
             self.ray.shutdown()
 

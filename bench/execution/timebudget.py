@@ -8,8 +8,10 @@ Elsewhere (a job run from a helper thread, or a platform without ``SIGALRM``) th
 to :meth:`Budget.check`, which the workbench calls between attack batches.
 
 A single C call (one huge convolution) is not interrupted mid-call: the exception is raised when
-it returns to Python. Ray tasks enforce their budget the same way, inside the task; a task stuck in
-a call that never returns (a hung GPU kernel) holds up the run until it is killed by hand.
+it returns to Python. Ray tasks enforce their budget the same way, inside the task. A job stuck in
+a call that never returns (a hung GPU kernel, or C code that blocks signals) is the driver's to end:
+the worker pool kills its process and Ray cancels its task with ``force=True``, budget plus
+``bench.execution.executor.GRACE_SECONDS`` after it started.
 """
 
 from __future__ import annotations

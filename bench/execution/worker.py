@@ -5,12 +5,16 @@ so consecutive jobs reuse the loaded data and models.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.execution.workbench import Workbench
+from bench.foundation.errors import RobustMatrixError
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,8 @@ class WorkerSettings:
     """Modules that register the matrix's components, imported by a worker when an id is missing
     (built-ins and installed plugins are loaded anyway)."""
     checkpoint_cache: str | None = None
-    """Where a worker finds checkpoint files (default: a folder in the node's temp directory)."""
+    """Where a worker finds checkpoint files (default: this user's private folder in the node's temp
+    directory, see :func:`private_cache`)."""
 
 
 _WORKBENCHES: dict[WorkerSettings, Workbench] = {}
@@ -50,6 +55,26 @@ def load_components(modules: tuple[str, ...]) -> None:
             _IMPORTED.add(name)
 
 
+def private_cache(root: Path | None = None) -> Path:
+    """This user's checkpoint cache in the shared temp directory: ``robustmatrix-ray-UID``, mode 0700.
+
+    Every user of a node shares ``/tmp``: a folder someone else owns or may write to could hold a
+    planted checkpoint that this user's jobs would load and evaluate, so such a folder is refused."""
+    folder = Path(root or tempfile.gettempdir()) / f"robustmatrix-ray-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise RobustMatrixError(f"checkpoint cache {folder} is not a directory; remove it")
+    if info.st_uid != os.getuid():
+        raise RobustMatrixError(f"checkpoint cache {folder} belongs to another user (uid {info.st_uid}); remove it")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RobustMatrixError(
+            f"checkpoint cache {folder} is writable by others (mode {stat.S_IMODE(info.st_mode):o}); chmod 700 it"
+        )
+    return folder / "checkpoints"
+
+
 def workbench_for(settings: WorkerSettings) -> Workbench:
     """This process's Workbench for ``settings`` (built on first use, with torch's thread count set)."""
     load_components(settings.modules)
@@ -58,7 +83,7 @@ def workbench_for(settings: WorkerSettings) -> Workbench:
         import torch
 
         torch.set_num_threads(settings.threads)
-        cache = Path(settings.checkpoint_cache or Path(tempfile.gettempdir()) / "robustmatrix-ray" / "checkpoints")
+        cache = Path(settings.checkpoint_cache) if settings.checkpoint_cache else private_cache()
         bench = Workbench(settings.dataset, torch.device(settings.device), cache, settings.data_dir, settings.download)
         _WORKBENCHES[settings] = bench
     return bench

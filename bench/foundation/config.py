@@ -47,6 +47,8 @@ class MatrixSpec:
     data_dir: str | None = None
     download: bool = True
     cell_timeout: float | None = None
+    training_timeout: float | None = None
+    """Seconds a training may run before the driver of a worker pool or Ray kills it (None: no limit)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", MappingProxyType({k: tuple(v) for k, v in self.eps.items()}))
@@ -169,9 +171,9 @@ def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | No
             if not isinstance(value, bool):
                 raise _fail(source, "'download' must be true or false")
             values[key] = value
-        elif key == "cell_timeout":
+        elif key in ("cell_timeout", "training_timeout"):
             if not _number(value) or value <= 0:
-                raise _fail(source, f"'cell_timeout' must be a positive number of seconds, got {value!r}")
+                raise _fail(source, f"'{key}' must be a positive number of seconds, got {value!r}")
             values[key] = float(value)
     merged = {**{f.name: getattr(base, f.name) for f in fields(MatrixSpec)}, **values}
     return MatrixSpec(**merged)
