@@ -57,10 +57,11 @@ DEFAULT_BLACK_BOX_STAGES = {
     "l2": [["square-l2-v1", {"queries": 5000, "p_init": 0.8, "rescale_schedule": False}]],
     "l1": [],
 }
-"""AutoAttack's Square stage, run after ``stages`` only where gradients cannot be trusted — the
-runner sets ``black_box`` for a randomized or non-differentiable defense (declared or observed). There it breaks what no gradient does (on the JPEG defense at
-Linf 0.1, five examples more than at 1,000 queries); on a defense with honest gradients, where the
-matrix's own Square cell ran on every example, 5,000 queries broke nothing more where measured."""
+"""AutoAttack's Square stage, run after ``stages`` only where gradients cannot be trusted: the
+runner sets ``black_box`` for a randomized or non-differentiable defense (declared or observed).
+There it breaks what no gradient does (on the JPEG defense at Linf 0.1, five examples more than at
+1,000 queries); on a defense with honest gradients, where the matrix's own Square cell ran on every
+example, 5,000 queries broke nothing more where measured."""
 
 GRADE = {"steps": 100}
 """What the defense's own adaptive attacks are raised to inside the cascade (never lowered)."""

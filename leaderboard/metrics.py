@@ -142,14 +142,14 @@ def worst_case(records: Sequence[Cell]) -> dict[tuple[str, float], dict[str, Any
 
 def _own_breaks(within: Sequence[Cell]) -> dict[tuple[str, int], np.ndarray]:
     """Per (attack, seed): the robust mask that shows only what that attack broke itself, AND-ed over
-    the eps it ran at. A cascade's stored mask also marks what the other cells at its eps broke (it
-    attacked only their survivors); those examples are given back to it here."""
+    the eps it ran at. A cascade's stored mask also marks what the other cells at its eps or a
+    smaller one broke (it attacked only their survivors); those examples are given back to it here."""
     plain = [r for r in within if not r.cascade]
     out: dict[tuple[str, int], np.ndarray] = {}
     for r in within:
         mask = r.robust
         if r.cascade:
-            others = [o.robust for o in plain if o.seed == r.seed and o.norm == r.norm and o.eps == r.eps]
+            others = [o.robust for o in plain if o.seed == r.seed and o.norm == r.norm and o.eps <= r.eps]
             if others:
                 mask = mask | ~np.logical_and.reduce(others)
         key = (str(r.attack_id), int(r.seed))

@@ -264,10 +264,10 @@ class Runner:
                 # broken inside a smaller ball is broken in this one) and the cascade's own cells at
                 # the smaller eps: the cascade's key covers their keys (a change to any re-runs it),
                 # it waits for their results and escalates only on what all of them left robust.
-                after = sorted(
-                    [j.cell_key for j in jobs if j.attack_id in member_ids and j.eps <= float(eps)] + below
+                after = sorted([j.cell_key for j in jobs if j.attack_id in member_ids and j.eps <= float(eps)] + below)
+                job = self._cell_job(
+                    training, evaluation, cascade, kwargs, eps, bpda_fallback, surrogate, after, versions
                 )
-                job = self._cell_job(training, evaluation, cascade, kwargs, eps, bpda_fallback, surrogate, after, versions)
                 jobs.append(job)
                 below.append(job.cell_key)
         return jobs

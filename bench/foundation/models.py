@@ -11,6 +11,19 @@ from torch import nn
 from torch.nn import functional as F
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` whose forward-only passes pool a channels-last copy: on the CPU, PyTorch's
+    channels-first max pool costs more than the convolutions around it (2.6 ms against 0.5 ms for a
+    batch of 200 digits feature maps, one thread), and an attack's queries (Square, HopSkipJump,
+    every prediction) are forward-only. The values are the same bit for bit; passes that build a
+    graph keep the channels-first kernel, whose backward is the faster one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.device.type != "cpu":
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 class SmallCNN(nn.Module):
     """Conv-conv-pool (plus one more conv-pool for images larger than 16 px) and a two-layer head:
     cheap enough to adversarially train on 8x8 digits on a CPU in seconds."""
@@ -22,11 +35,11 @@ class SmallCNN(nn.Module):
             nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, padding=1),
             nn.ReLU(),
-            nn.MaxPool2d(2),
+            MaxPool2d(2),
         ]
         side = image_size // 2
         if image_size > 16:
-            layers += [nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            layers += [nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), MaxPool2d(2)]
             side //= 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
