@@ -280,13 +280,16 @@ def test_validation_refuses_a_malformed_report(tmp_path):
         validate(report)
 
 
-def test_html_in_a_defense_name_is_escaped(tmp_path):
-    name = "<script>window.__pwned=1</script>evil-v1"
-    db = write_database(tmp_path / "r.db", [FakeDefense(name, {("pgd-linf-v1", 0.2): 0.5})])
+def test_html_in_a_defense_source_is_escaped(tmp_path):
+    # A defense id is checked against its pattern before it is stored; a plugin's source is free text.
+    source = "<script>window.__pwned=1</script>evil"
+    db = write_database(tmp_path / "r.db", [FakeDefense("evil-v1", {("pgd-linf-v1", 0.2): 0.5}, source=source)])
     write_leaderboard(db, tmp_path / "out")
     html = (tmp_path / "out" / "index.html").read_text()
     assert "<script>window.__pwned" not in html
-    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;evil-v1" in html
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;evil" in html
+    with pytest.raises(ValueError, match="is not an id"):
+        write_database(tmp_path / "bad.db", [FakeDefense("<script>x</script>evil-v1", {("pgd-linf-v1", 0.2): 0.5})])
 
 
 def test_an_empty_database_is_a_clear_error(tmp_path):
