@@ -380,7 +380,8 @@ def validated_row(table: str, row: Mapping[str, Any]) -> dict[str, Any]:
     except (RobustMatrixError, ValueError, TypeError, KeyError) as exc:
         raise RobustMatrixError(f"{table[:-1]} {key[:12]}… is invalid: {str(exc).splitlines()[0]}") from None
     for column in ("clean_accuracy", "robust_accuracy", "success_mask"):
-        if column in rebuilt and column in row and not _same(row[column], rebuilt[column]):
+        derived = rebuilt.get(column)  # None (a failed cell's): the stored value is dropped, not trusted
+        if derived is not None and column in row and not _same(row[column], derived):
             raise RobustMatrixError(f"{table[:-1]} {key[:12]}… is invalid: its {column} disagrees with its masks")
     return rebuilt
 
