@@ -7,9 +7,16 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from bench.execution.jobs import TrainingJob
 from bench.execution.workbench import Workbench
@@ -125,3 +132,10 @@ def test_a_database_without_the_digest_column_is_upgraded_and_stays_readable(tmp
     with Store.open_existing(db) as store:
         assert "checkpoint_sha256" in store.columns("trainings")
         assert store.training("t")["checkpoint_sha256"] is None
+
+
+def test_torch_is_required_new_enough_that_weights_only_cannot_be_bypassed():
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (torch_requirement,) = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torch"]
+    assert not torch_requirement.specifier.contains("2.5.1"), "CVE-2025-32434: torch.load(weights_only) < 2.6"
+    assert torch_requirement.specifier.contains("2.6.0") and torch_requirement.specifier.contains("2.13.0")
