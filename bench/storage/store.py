@@ -386,6 +386,31 @@ def validated_row(table: str, row: Mapping[str, Any]) -> dict[str, Any]:
     return rebuilt
 
 
+def _connect(path: Path, target: str, exists: bool) -> sqlite3.Connection:
+    """A connection to ``target`` (a path, or a ``file:`` URI), refused with one line unless the file
+    is a robustmatrix database of a schema this code reads."""
+    try:
+        connection = sqlite3.connect(target, uri=target.startswith("file:"), timeout=30)
+        connection.row_factory = sqlite3.Row
+        app_id = connection.execute("PRAGMA application_id").fetchone()[0]
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise RobustMatrixError(f"{path} is not a robustmatrix database ({exc})") from None
+    except OSError as exc:
+        raise RobustMatrixError(f"cannot read {path}: {exc}") from None
+    if exists and app_id != APPLICATION_ID:
+        connection.close()
+        detail = "an empty SQLite file" if tables == 0 else "a SQLite database of another program"
+        raise RobustMatrixError(f"{path} is {detail}, not a robustmatrix results database")
+    if version > SCHEMA_VERSION:
+        connection.close()
+        raise RobustMatrixError(
+            f"{path} was written by a newer robustmatrix (schema {version} > {SCHEMA_VERSION}); upgrade"
+        )
+    return connection
+
+
 class Store:
     """A robustmatrix results database. Open with :meth:`open` (creates) or :meth:`open_existing`."""
 
@@ -407,26 +432,7 @@ class Store:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise RobustMatrixError(f"cannot create a database at {path}: {exc.strerror}") from None
-        try:
-            connection = sqlite3.connect(path, timeout=30)
-            connection.row_factory = sqlite3.Row
-            app_id = connection.execute("PRAGMA application_id").fetchone()[0]
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise RobustMatrixError(f"{path} is not a robustmatrix database ({exc})") from None
-        except OSError as exc:
-            raise RobustMatrixError(f"cannot read {path}: {exc}") from None
-        if exists and app_id != APPLICATION_ID:
-            connection.close()
-            detail = "an empty SQLite file" if tables == 0 else "a SQLite database of another program"
-            raise RobustMatrixError(f"{path} is {detail}, not a robustmatrix results database")
-        if version > SCHEMA_VERSION:
-            connection.close()
-            raise RobustMatrixError(
-                f"{path} was written by a newer robustmatrix (schema {version} > {SCHEMA_VERSION}); upgrade"
-            )
-        store = cls(connection, path)
+        store = cls(_connect(path, str(path), exists), path)
         if not exists:
             store._initialise()
         else:
@@ -470,20 +476,11 @@ class Store:
         """Open an existing database for reading only (SQLite ``mode=ro``): for a file someone sent,
         which merge and the leaderboard must never change."""
         path = Path(path)
+        if path.is_dir():
+            raise RobustMatrixError(f"{path} is a directory, not a database file")
         if not path.is_file() or path.stat().st_size == 0:
             raise RobustMatrixError(f"no results database at {path}; run `robustmatrix run` first")
-        try:
-            connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
-            connection.row_factory = sqlite3.Row
-            app_id = connection.execute("PRAGMA application_id").fetchone()[0]
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise RobustMatrixError(f"{path} is not a robustmatrix database ({exc})") from None
-        if app_id != APPLICATION_ID or version > SCHEMA_VERSION:
-            connection.close()
-            problem = "not a robustmatrix results database" if app_id != APPLICATION_ID else "from a newer robustmatrix"
-            raise RobustMatrixError(f"{path} is {problem} (application id {app_id:#x}, schema {version})")
-        return cls(connection, path)
+        return cls(_connect(path, f"{path.resolve().as_uri()}?mode=ro", True), path)
 
     def columns(self, table: str) -> list[str]:
         return [row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")]
