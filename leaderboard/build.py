@@ -31,7 +31,7 @@ def _encoded(path: Path) -> str:
 
 
 def _nightly_snapshots(db_path: Path) -> list[tuple[int, dict[str, Any]]]:
-    with Store.open_existing(db_path) as store:
+    with Store.open_readonly(db_path) as store:
         present = {r[0] for r in store.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         return store.nightly_snapshots() if "nightly" in present else []
 

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bench.storage.store import Store, decode_mask
+from bench.foundation.errors import RobustMatrixError
+from bench.storage.store import Store, decode_mask, names_problem
 
 DEFAULT_CLASSES = 10
 """Classes assumed for chance accuracy when an evaluation predates recording ``num_classes``."""
@@ -117,15 +118,38 @@ CELL_COLUMNS = (
 
 
 def load_results(db_path: str | Path, dataset: str | None = None) -> list[Results]:
-    """Results per dataset and evaluation size found in the database, newest generation only."""
-    with Store.open_existing(db_path) as store:
+    """Results per dataset and evaluation size found in the database, newest generation only. The file
+    is opened read-only (it may be someone else's), and every id, norm and dataset name is checked
+    against its pattern before it can reach a file name, the Markdown or the CSV."""
+    with Store.open_readonly(db_path) as store:
         connection = store.connection
         trainings = _read(connection, "trainings")
         evaluations = _read(connection, "evaluations")
         cells = _read(connection, "cells", CELL_COLUMNS)
-        declared = _attack_declarations(_read(connection, "attacks"))
+        attacks = _read(connection, "attacks")
         failures = _read(connection, "failures")
         runs = _read(connection, "runs")
+    for table, rows in (("trainings", trainings), ("cells", cells), ("attacks", attacks), ("failures", failures)):
+        for row in rows:
+            problem = names_problem(row)
+            if problem is not None:
+                raise RobustMatrixError(f"{db_path}: a row of {table} has a {problem}; refusing to show it")
+    declared = _attack_declarations(attacks)
+    try:
+        return _sections(trainings, evaluations, cells, declared, failures, runs, dataset)
+    except RobustMatrixError as exc:  # a mask that does not hold its examples
+        raise RobustMatrixError(f"{db_path}: {exc}") from None
+
+
+def _sections(
+    trainings: list[dict[str, Any]],
+    evaluations: list[dict[str, Any]],
+    cells: list[dict[str, Any]],
+    declared: dict[tuple[str, str], tuple[int | None, bool]],
+    failures: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    dataset: str | None,
+) -> list[Results]:
     if dataset is not None:
         trainings = [t for t in trainings if t["dataset"] == dataset]
     out = []

@@ -87,8 +87,18 @@ CSV_DECIMALS = 4
 noise (0.38200000000000006) is no information."""
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet reads as the start of a formula: a text cell starting so gets a leading quote."""
+
+
+def csv_safe(value: Any) -> Any:
+    """``value``, with a text that a spreadsheet would run as a formula (CSV injection) made plain text
+    by a leading single quote; numbers stay numbers. A plugin's source is free text."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def _rounded(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: round(v, CSV_DECIMALS) if isinstance(v, float) else v for k, v in row.items()}
+    return {csv_safe(k): round(v, CSV_DECIMALS) if isinstance(v, float) else csv_safe(v) for k, v in row.items()}
 
 
 def write_csv(datasets: list[Mapping[str, Any]], path: Path) -> None:

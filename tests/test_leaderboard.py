@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import sqlite3
 
 import numpy as np
 import pytest
@@ -280,13 +281,16 @@ def test_validation_refuses_a_malformed_report(tmp_path):
         validate(report)
 
 
-def test_html_in_a_defense_name_is_escaped(tmp_path):
-    name = "<script>window.__pwned=1</script>evil-v1"
-    db = write_database(tmp_path / "r.db", [FakeDefense(name, {("pgd-linf-v1", 0.2): 0.5})])
+def test_html_in_a_defense_source_is_escaped(tmp_path):
+    # A defense id is checked against its pattern before it is stored; a plugin's source is free text.
+    source = "<script>window.__pwned=1</script>evil"
+    db = write_database(tmp_path / "r.db", [FakeDefense("evil-v1", {("pgd-linf-v1", 0.2): 0.5}, source=source)])
     write_leaderboard(db, tmp_path / "out")
     html = (tmp_path / "out" / "index.html").read_text()
     assert "<script>window.__pwned" not in html
-    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;evil-v1" in html
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;evil" in html
+    with pytest.raises(ValueError, match="is not an id"):
+        write_database(tmp_path / "bad.db", [FakeDefense("<script>x</script>evil-v1", {("pgd-linf-v1", 0.2): 0.5})])
 
 
 def test_an_empty_database_is_a_clear_error(tmp_path):
@@ -786,3 +790,70 @@ def test_the_strongest_attack_is_the_one_whose_removal_raises_the_worst_case_mos
     assert threat["value"] == pytest.approx(0.35)
     assert threat["strongest_attack"] == "square-linf-v1"
     assert entry["strongest_attack"] == "square-linf-v1"
+
+
+# --------------------------------------------------------------------- a database someone sent
+def _sql(db, statement, *parameters):
+    connection = sqlite3.connect(db)
+    try:
+        with connection:
+            connection.execute(statement, parameters)
+    finally:
+        connection.close()
+
+
+def _two_defenses(tmp_path):
+    return write_database(
+        tmp_path / "r.db",
+        [
+            FakeDefense("a-v1", {("pgd-linf-v1", 0.2): 0.5, ("pgd-l2-v1", 1.0): 0.2}),
+            FakeDefense("b-v1", {("pgd-linf-v1", 0.2): 0.1, ("pgd-l2-v1", 1.0): 0.0}),
+        ],
+    )
+
+
+def test_the_leaderboard_opens_the_database_read_only_and_never_changes_it(tmp_path):
+    db = _two_defenses(tmp_path)
+    _sql(db, "DROP TABLE nightly")  # from before the operations tables: reading it must not add them
+    before = db.read_bytes()
+    write_leaderboard(db, tmp_path / "out")
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "statement, message",
+    [
+        ("UPDATE cells SET norm = '../../escape' WHERE attack_id = 'pgd-l2-v1'", "norm '../../escape'"),
+        ("UPDATE cells SET attack_id = '=1+1-v1' WHERE attack_id = 'pgd-l2-v1'", "attack_id '=1+1-v1'"),
+        ("UPDATE trainings SET defense_id = '| **x** |-v1' WHERE defense_id = 'a-v1'", "defense_id"),
+        ("UPDATE trainings SET dataset = '../digits'", "dataset '../digits'"),
+        ("UPDATE cells SET robust_mask = substr(robust_mask, 1, 3)", "cannot hold 100 examples"),
+        ("UPDATE evaluations SET clean_mask = substr(clean_mask, 1, 3)", "cannot hold 100 examples"),
+    ],
+)
+def test_names_and_masks_are_checked_before_they_reach_files(tmp_path, statement, message):
+    db = _two_defenses(tmp_path)
+    _sql(db, statement)
+    with pytest.raises(RobustMatrixError, match=re.escape(message)) as caught:
+        write_leaderboard(db, tmp_path / "out")
+    assert "\n" not in str(caught.value) and str(db) in str(caught.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("**/*.png"))
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_plain_text(tmp_path):
+    defenses = [
+        FakeDefense(f"d{i}-v1", {("pgd-linf-v1", 0.2): 0.5}, source=source)
+        for i, source in enumerate(['=HYPERLINK("http://x")', "+1", "-2+3", "@SUM(A1)", "plain==1.0"])
+    ]
+    db = write_database(tmp_path / "r.db", defenses)
+    write_leaderboard(db, tmp_path / "out")
+    rows = list(csv.DictReader((tmp_path / "out" / "leaderboard.csv").open()))
+    sources = {row["defense"]: row["source"] for row in rows}
+    assert sources == {
+        "d0-v1": '\'=HYPERLINK("http://x")',
+        "d1-v1": "'+1",
+        "d2-v1": "'-2+3",
+        "d3-v1": "'@SUM(A1)",
+        "d4-v1": "plain==1.0",
+    }
+    assert float(rows[0]["pgd-linf-v1 linf 0.2"]) == 0.5, "numbers stay numbers"

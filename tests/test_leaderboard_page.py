@@ -50,7 +50,8 @@ def test_every_string_is_escaped_and_nothing_is_loaded_from_outside(tmp_path):
     out = _write(
         tmp_path,
         [
-            FakeDefense(EVIL, {("pgd-linf-v1", 0.2): 0.5, ("pgd-l2-v1", 1.0): 0.2}, source='x"><script>alert(3)'),
+            # ids are checked against their pattern before they are stored; a plugin's source is free text
+            FakeDefense("evil-v1", {("pgd-linf-v1", 0.2): 0.5, ("pgd-l2-v1", 1.0): 0.2}, source=EVIL + 'x"><script>'),
             FakeDefense("pgd-at-linf-v1", {("pgd-linf-v1", 0.2): 0.7, ("pgd-l2-v1", 1.0): 0.1}, trained_against=LINF),
         ],
     )

@@ -4,6 +4,7 @@ never overwritten."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sqlite3
 
@@ -12,7 +13,7 @@ import pytest
 
 from bench.execution.shard import Shard
 from bench.foundation.errors import RobustMatrixError
-from bench.storage.store import encode_mask
+from bench.storage.store import decode_mask, encode_mask
 from tests.conftest import TINY_MATRIX, run_cli, write_matrix
 from tests.test_runner import snapshot
 
@@ -106,13 +107,21 @@ def test_conflicting_cells_are_reported_not_overwritten(sharded, tmp_path):
     tampered = tmp_path / "other" / "tampered.db"
     tampered.parent.mkdir()
     shutil.copy(shards[0], tampered)
-    key, mask, n = _first(tampered, "SELECT cell_key, robust_mask, n_eval FROM cells")
-    flipped = encode_mask(~np.unpackbits(np.frombuffer(mask, np.uint8), count=n).astype(bool))
-    _execute(tampered, "UPDATE cells SET robust_mask = ? WHERE cell_key = ?", flipped, key)
+    key, robust, success, n = _first(
+        tampered, "SELECT cell_key, robust_mask, success_mask, n_eval FROM cells WHERE robust_accuracy > 0"
+    )
+    clean = decode_mask(robust, n) | decode_mask(success, n)  # a valid but different result: nothing robust
+    _execute(
+        tampered,
+        "UPDATE cells SET robust_mask = ?, success_mask = ?, robust_accuracy = 0.0 WHERE cell_key = ?",
+        encode_mask(np.zeros(n, dtype=bool)),
+        encode_mask(clean),
+        key,
+    )
     before = snapshot(target)
     result = run_cli("merge", str(tampered), "--into", str(target))
     assert result.code == 1
-    assert "1 conflict(s) kept as they were" in result.stderr and "differs in robust_mask" in result.stderr
+    assert "1 conflict(s) kept as they were" in result.stderr and "robust_mask" in result.stderr
     assert snapshot(target) == before
 
 
@@ -143,3 +152,77 @@ def test_merge_refuses_bad_input(sharded, tmp_path):
     missing = run_cli("merge", str(tmp_path / "nope.db"), "--into", str(tmp_path / "t.db"))
     assert missing.code == 2 and "no results database" in missing.stderr
     assert not (tmp_path / "t.db").exists()
+
+
+# ------------------------------------------------------------------ a database someone sent
+def _sent(shards, tmp_path, name="sent"):
+    """A copy of shard 1 with its checkpoints, as someone would send it."""
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(shards[0], folder / "r.db")
+    shutil.copytree(shards[0].parent / "checkpoints", folder / "checkpoints")
+    return folder / "r.db"
+
+
+def test_a_source_is_opened_read_only_and_never_changed(sharded, tmp_path):
+    _, _, shards = sharded
+    sent = _sent(shards, tmp_path)
+    _execute(sent, "DROP TABLE nightly")  # written before the operations tables: opening it must not add them
+    before = sent.read_bytes()
+    result = run_cli("merge", str(sent), "--into", str(tmp_path / "t.db"))
+    assert result.code == 0, result.stderr
+    assert sent.read_bytes() == before
+    assert _first(sent, "SELECT count(*) FROM sqlite_master WHERE name = 'nightly'") == (0,)
+
+
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        ("UPDATE runs SET status = 'running'", "is still running"),
+        ("UPDATE cells SET robust_mask = substr(robust_mask, 1, 2) WHERE rowid = 1", "cannot hold 60 examples"),
+        ("UPDATE evaluations SET clean_mask = substr(clean_mask, 1, 3)", "cannot hold 60 examples"),
+        ("UPDATE cells SET robust_accuracy = 0.99 WHERE rowid = 1", "robust_accuracy disagrees with its masks"),
+        ("UPDATE cells SET attack_id = '=HYPERLINK(\"http://x\")-v1' WHERE rowid = 1", "attack_id"),
+        ("UPDATE cells SET norm = '../x' WHERE rowid = 1", "norm '../x' is not one of"),
+        ("UPDATE trainings SET defense_id = '<b>x</b>-v1'", "defense_id"),
+        ("UPDATE trainings SET checkpoint = '../../elsewhere.pt'", "checkpoint name"),
+        ("UPDATE failures SET defense_id = '@SUM(1)'", "defense_id"),
+    ],
+)
+def test_a_source_with_an_invalid_record_is_refused_with_one_line(sharded, tmp_path, sql, message):
+    _, _, shards = sharded
+    sent = _sent(shards, tmp_path)
+    if "failures" in sql:
+        _execute(sent, "INSERT INTO failures VALUES ('k', 'training', 'x-v1', 'digits', 0, 'boom', 'now')")
+    _execute(sent, sql)
+    target = tmp_path / "t.db"
+    result = run_cli("merge", str(sent), "--into", str(target))
+    assert result.code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "cannot merge" in result.stderr
+    assert not target.exists(), "nothing is written before every source is checked"
+
+
+def test_a_checkpoint_that_is_not_its_training_is_refused(sharded, tmp_path):
+    _, _, shards = sharded
+    sent = _sent(shards, tmp_path)
+    files = sorted((sent.parent / "checkpoints").glob("*.pt"))
+    assert len(files) == 2
+    files[0].write_bytes(files[1].read_bytes())  # another training's checkpoint under its name
+    result = run_cli("merge", str(sent), "--into", str(tmp_path / "t.db"))
+    assert result.code == 2 and "sha256" in result.stderr, result.stderr
+
+    _execute(sent, "UPDATE trainings SET checkpoint_sha256 = NULL")  # no digest to compare: the key inside decides
+    result = run_cli("merge", str(sent), "--into", str(tmp_path / "t.db"))
+    assert result.code == 2 and "holds training" in result.stderr and "another model" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_checkpoints_travel_with_their_digests(sharded, tmp_path):
+    _, _, shards = sharded
+    target = tmp_path / "t.db"
+    assert run_cli("merge", str(_sent(shards, tmp_path)), "--into", str(target)).code == 0
+    connection = sqlite3.connect(target)
+    rows = connection.execute("SELECT checkpoint, checkpoint_sha256 FROM trainings").fetchall()
+    connection.close()
+    for name, sha in rows:
+        assert hashlib.sha256((tmp_path / "checkpoints" / name).read_bytes()).hexdigest() == sha

@@ -7,8 +7,10 @@ record for the driver to store; it never touches the database itself.
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import sys
 import tempfile
 import time
 from collections import OrderedDict
@@ -32,7 +34,14 @@ from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import digest, seed_everything, seed_from, versions
 from bench.foundation.models import architecture_name, build_model
 from bench.foundation.registry import ATTACKS, DEFENSES
-from bench.storage.store import CellRecord, EvaluationRecord, TrainingRecord, decode_mask
+from bench.storage.store import (
+    CellRecord,
+    EvaluationRecord,
+    TrainingRecord,
+    decode_mask,
+    file_sha256,
+    read_checkpoint,
+)
 from defenses.base import Defense, StraightThrough, TrainContext, TrainData
 
 EpochCallback = Callable[[str, int, int, float], None]
@@ -65,16 +74,21 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
+def _atomic_save(payload: dict[str, Any], path: Path) -> str:
+    """Write ``payload`` to ``path`` atomically; returns the sha256 of the bytes written."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return file_sha256(data)
 
 
 class Workbench:
@@ -100,6 +114,9 @@ class Workbench:
         self._data: Dataset | None = None
         self._loaded: OrderedDict[str, LoadedDefense] = OrderedDict()
         self._minimal_runs: OrderedDict[str, tuple[torch.Tensor, int, int]] = OrderedDict()
+        self._digests: dict[str, str] = {}
+        """training key -> sha256 of the checkpoint this workbench wrote or first verified: a file
+        changed under it afterwards is not the model it measured."""
 
     # -------------------------------------------------------------------------------- data
     @property
@@ -121,7 +138,8 @@ class Workbench:
         """Train the defense, or reuse its checkpoint if one exists for this exact key."""
         spec = DEFENSES.get(job.defense_id)
         path = self.checkpoint_dir / job.checkpoint
-        meta = self._checkpoint_meta(path) or self._train_once(job, path)
+        payload, sha256 = self._checkpoint(path, job) or self._train_once(job, path)
+        meta = payload["meta"]
         return TrainingRecord(
             training_key=job.training_key,
             defense_id=job.defense_id,
@@ -140,24 +158,31 @@ class Workbench:
             backwards=int(meta["backwards"]),
             device=str(meta["device"]),
             versions=versions(),
+            checkpoint_sha256=sha256,
         )
 
-    def _checkpoint_meta(self, path: Path) -> dict[str, Any] | None:
+    def _checkpoint(self, path: Path, job: TrainingJob, warn: bool = True) -> tuple[dict[str, Any], str] | None:
+        """The checkpoint of ``job`` at ``path`` as (payload, sha256) if the file is that training's
+        (its key inside, and the digest this workbench knows for it, if any); None when it is missing
+        or is not, so the caller retrains over it rather than evaluate another model."""
         if not path.exists():
             return None
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            return dict(payload["meta"])
-        except Exception:  # noqa: BLE001 - a torn or foreign file is simply retrained over
+            payload, data = read_checkpoint(path, job.training_key, self._digests.get(job.training_key), self.device)
+        except RobustMatrixError as exc:
+            if warn:
+                print(f"robustmatrix: warning: {exc}; retraining {job.defense_id}", file=sys.stderr)
             return None
+        sha256 = self._digests.setdefault(job.training_key, file_sha256(data))
+        return payload, sha256
 
-    def _train_once(self, job: TrainingJob, path: Path) -> dict[str, Any]:
+    def _train_once(self, job: TrainingJob, path: Path) -> tuple[dict[str, Any], str]:
         """Train under a lock on the checkpoint file: processes sharing a checkpoint folder (shards
         of one matrix) train each defense once; the others wait, then reuse the checkpoint."""
         with _exclusive(path):
-            return self._checkpoint_meta(path) or self._train_and_save(job, path)
+            return self._checkpoint(path, job, warn=False) or self._train_and_save(job, path)
 
-    def _train_and_save(self, job: TrainingJob, path: Path) -> dict[str, Any]:
+    def _train_and_save(self, job: TrainingJob, path: Path) -> tuple[dict[str, Any], str]:
         spec = DEFENSES.get(job.defense_id)
         defense = spec.make(job.dataset, job.kwargs)
         seed_everything(seed_from(job.training_key))
@@ -189,8 +214,9 @@ class Workbench:
         broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if broken:
             raise NonFiniteResult(f"training {job.defense_id} produced NaN/inf weights ({broken[0]})")
-        _atomic_save({"state_dict": state, "meta": meta}, path)
-        return meta
+        payload = {"state_dict": state, "meta": meta}  # the key inside: a load checks it is this training
+        self._digests[job.training_key] = _atomic_save(payload, path)
+        return payload, self._digests[job.training_key]
 
     def load(self, job: TrainingJob) -> LoadedDefense:
         """The trained defense, deployed on this workbench's device (cached)."""
@@ -198,12 +224,10 @@ class Workbench:
             self._loaded.move_to_end(job.training_key)
             return self._loaded[job.training_key]
         path = self.checkpoint_dir / job.checkpoint
-        if self._checkpoint_meta(path) is None:
-            self._train_once(job, path)
+        payload, _ = self._checkpoint(path, job) or self._train_once(job, path)
         defense = DEFENSES.get(job.defense_id).make(job.dataset, job.kwargs)
         model = self._fresh_model(defense)
-        payload = torch.load(path, map_location=self.device, weights_only=True)
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict({k: v.to(self.device) for k, v in payload["state_dict"].items()})
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)

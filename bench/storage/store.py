@@ -8,8 +8,11 @@ missing cells. The schema is documented in ARCHITECTURE.md; ``user_version`` is 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
+import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench.foundation.errors import RobustMatrixError
+from bench.foundation.specs import ID_PATTERN, NORMS
 
 APPLICATION_ID = 0x524D5458  # "RMTX": marks the file as ours
 SCHEMA_VERSION = 1
@@ -42,6 +46,7 @@ CREATE TABLE IF NOT EXISTS trainings (
     nature TEXT NOT NULL,
     architecture TEXT NOT NULL,
     checkpoint TEXT NOT NULL,
+    checkpoint_sha256 TEXT,
     epochs INTEGER NOT NULL,
     wall_time REAL NOT NULL,
     forwards INTEGER NOT NULL,
@@ -146,12 +151,43 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 
 def decode_mask(blob: bytes, n: int) -> np.ndarray:
+    """The ``n`` booleans packed in ``blob``. A blob of any other length is refused: unpacking a short
+    one would pad it with zeros, turning missing examples into "not robust" without a word."""
+    if not isinstance(blob, bytes) or len(blob) != (n + 7) // 8:
+        size = f"{len(blob)} bytes" if isinstance(blob, bytes) else "no bytes"
+        raise RobustMatrixError(f"a mask of {size} cannot hold {n} examples (it needs {(n + 7) // 8})")
     return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=n).astype(bool)
+
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*\.pt$")
+"""A checkpoint is a plain file name inside the checkpoint folder: no path, so a record cannot point
+outside it."""
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+"""Dataset names: they reach headings, file names and CSV cells."""
+
+
+def names_problem(row: Mapping[str, Any]) -> str | None:
+    """What is wrong with the ids, norm and dataset of a stored row (those it has), or None. They reach
+    file names, Markdown and CSV, so a database someone sent is checked before they get there."""
+    for column in ("defense_id", "attack_id"):
+        if column in row and not (isinstance(row[column], str) and ID_PATTERN.match(row[column])):
+            return f"{column} {str(row[column])[:60]!r} is not an id (lowercase name ending in -vN)"
+    if "norm" in row and row["norm"] not in NORMS:
+        return f"norm {str(row['norm'])[:20]!r} is not one of {', '.join(NORMS)}"
+    if "dataset" in row and not (isinstance(row["dataset"], str) and NAME.match(row["dataset"])):
+        return f"dataset {str(row['dataset'])[:60]!r} is not a plain name"
+    return None
 
 
 def _require(condition: bool, what: str) -> None:
     if not condition:
         raise ValueError(f"refusing to store an invalid result: {what}")
+
+
+def _require_names(record: Any) -> None:
+    problem = names_problem({f.name: getattr(record, f.name) for f in fields(record)})
+    _require(problem is None, str(problem))
 
 
 def _is_number(value: Any) -> bool:
@@ -177,8 +213,14 @@ class TrainingRecord:
     backwards: int
     device: str
     versions: Mapping[str, str]
+    checkpoint_sha256: str | None = None
+    """sha256 of the checkpoint file, checked on every load and merge; None only in rows written before
+    it was recorded."""
 
     def validate(self) -> None:
+        _require_names(self)
+        _require(isinstance(self.checkpoint, str) and bool(CHECKPOINT_NAME.match(self.checkpoint)), "checkpoint name")
+        _require(self.checkpoint_sha256 is None or bool(SHA256.match(str(self.checkpoint_sha256))), "checkpoint sha256")
         _require(
             all(_is_number(v) and v >= 0 for v in (self.wall_time, self.forwards, self.backwards)),
             "training cost must be non-negative numbers",
@@ -201,7 +243,10 @@ class EvaluationRecord:
         return float(np.mean(self.clean_mask)) if self.n_eval else 0.0
 
     def validate(self) -> None:
-        _require(len(self.clean_mask) == self.n_eval, "clean mask length differs from n_eval")
+        _require(
+            isinstance(self.n_eval, int) and len(self.clean_mask) == self.n_eval,
+            "clean mask length differs from n_eval",
+        )
 
 
 @dataclass(frozen=True)
@@ -238,6 +283,7 @@ class CellRecord:
         return self.clean_mask & ~self.robust_mask
 
     def validate(self) -> None:
+        _require_names(self)
         _require(self.status in ("ok", "failed"), f"status {self.status!r}")
         _require(_is_number(self.eps) and self.eps >= 0, f"eps {self.eps!r}")
         _require(
@@ -273,6 +319,98 @@ def _row(record: Any) -> dict[str, Any]:
     return row
 
 
+Record = TrainingRecord | EvaluationRecord | CellRecord
+
+
+def record_row(record: Record, created_at: str | None = None) -> dict[str, Any]:
+    """The validated database row of a record, derived columns (accuracies, success mask) computed from
+    its masks: the one way a record becomes a row, for a run and for a merge alike."""
+    record.validate()
+    row = _row(record)
+    if isinstance(record, EvaluationRecord):
+        row["clean_accuracy"] = record.clean_accuracy
+    elif isinstance(record, CellRecord):
+        ok = record.status == "ok" and record.n_eval > 0
+        success = record.success_mask
+        del row["clean_mask"]
+        row["clean_accuracy"] = float(np.mean(record.clean_mask)) if ok else None
+        row["robust_accuracy"] = float(np.mean(record.robust_mask)) if ok else None
+        row["success_mask"] = encode_mask(success) if success is not None else None
+    row["created_at"] = created_at or now()
+    return row
+
+
+def record_from_row(table: str, row: Mapping[str, Any]) -> Record:
+    """Rebuild the record a stored row claims to be (decoding JSON and masks; a cell's clean mask is its
+    robust mask plus its success mask). Raises RobustMatrixError or ValueError on a malformed row."""
+    kinds: dict[str, type[Any]] = {"trainings": TrainingRecord, "evaluations": EvaluationRecord, "cells": CellRecord}
+    kind = kinds[table]
+    values: dict[str, Any] = {}
+    for f in fields(kind):
+        if f.name == "clean_mask" and kind is CellRecord:
+            continue
+        value = row.get(f.name)
+        if f.name in ("kwargs", "trained_against", "nature", "observed", "attack_kwargs", "versions"):
+            value = json.loads(value)
+        elif f.name in ("clean_mask", "robust_mask") and value is not None:
+            value = decode_mask(value, row["n_eval"])
+        elif f.name == "bounded":
+            value = bool(value)
+        values[f.name] = value
+    if kind is CellRecord:
+        robust, success = values["robust_mask"], row.get("success_mask")
+        values["clean_mask"] = None
+        if robust is not None:
+            values["clean_mask"] = robust | decode_mask(success, row["n_eval"])
+    return kind(**values)
+
+
+def _same(stored: Any, derived: Any) -> bool:
+    if isinstance(derived, float) and _is_number(stored):
+        return math.isclose(stored, derived, rel_tol=1e-9, abs_tol=1e-12)
+    return stored == derived
+
+
+def validated_row(table: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` rebuilt through its record's validation, or a one-line RobustMatrixError naming what is
+    wrong: for rows from a database someone sent, whose derived columns must also agree with the masks."""
+    key = str(row.get({"trainings": "training_key", "evaluations": "eval_key"}.get(table, "cell_key"), "?"))
+    try:
+        rebuilt = record_row(record_from_row(table, row), created_at=row.get("created_at"))
+    except (RobustMatrixError, ValueError, TypeError, KeyError) as exc:
+        raise RobustMatrixError(f"{table[:-1]} {key[:12]}… is invalid: {str(exc).splitlines()[0]}") from None
+    for column in ("clean_accuracy", "robust_accuracy", "success_mask"):
+        derived = rebuilt.get(column)  # None (a failed cell's): the stored value is dropped, not trusted
+        if derived is not None and column in row and not _same(row[column], derived):
+            raise RobustMatrixError(f"{table[:-1]} {key[:12]}… is invalid: its {column} disagrees with its masks")
+    return rebuilt
+
+
+def _connect(path: Path, target: str, exists: bool) -> sqlite3.Connection:
+    """A connection to ``target`` (a path, or a ``file:`` URI), refused with one line unless the file
+    is a robustmatrix database of a schema this code reads."""
+    try:
+        connection = sqlite3.connect(target, uri=target.startswith("file:"), timeout=30)
+        connection.row_factory = sqlite3.Row
+        app_id = connection.execute("PRAGMA application_id").fetchone()[0]
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise RobustMatrixError(f"{path} is not a robustmatrix database ({exc})") from None
+    except OSError as exc:
+        raise RobustMatrixError(f"cannot read {path}: {exc}") from None
+    if exists and app_id != APPLICATION_ID:
+        connection.close()
+        detail = "an empty SQLite file" if tables == 0 else "a SQLite database of another program"
+        raise RobustMatrixError(f"{path} is {detail}, not a robustmatrix results database")
+    if version > SCHEMA_VERSION:
+        connection.close()
+        raise RobustMatrixError(
+            f"{path} was written by a newer robustmatrix (schema {version} > {SCHEMA_VERSION}); upgrade"
+        )
+    return connection
+
+
 class Store:
     """A robustmatrix results database. Open with :meth:`open` (creates) or :meth:`open_existing`."""
 
@@ -294,26 +432,7 @@ class Store:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise RobustMatrixError(f"cannot create a database at {path}: {exc.strerror}") from None
-        try:
-            connection = sqlite3.connect(path, timeout=30)
-            connection.row_factory = sqlite3.Row
-            app_id = connection.execute("PRAGMA application_id").fetchone()[0]
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise RobustMatrixError(f"{path} is not a robustmatrix database ({exc})") from None
-        except OSError as exc:
-            raise RobustMatrixError(f"cannot read {path}: {exc}") from None
-        if exists and app_id != APPLICATION_ID:
-            connection.close()
-            detail = "an empty SQLite file" if tables == 0 else "a SQLite database of another program"
-            raise RobustMatrixError(f"{path} is {detail}, not a robustmatrix results database")
-        if version > SCHEMA_VERSION:
-            connection.close()
-            raise RobustMatrixError(
-                f"{path} was written by a newer robustmatrix (schema {version} > {SCHEMA_VERSION}); upgrade"
-            )
-        store = cls(connection, path)
+        store = cls(_connect(path, str(path), exists), path)
         if not exists:
             store._initialise()
         else:
@@ -336,17 +455,42 @@ class Store:
             raise RobustMatrixError(f"cannot write the database {self.path}: {exc}") from None
 
     def _add_operations_tables(self) -> None:
-        """Bring a database written before the operations tables existed up to date. A read-only
-        file is left as it is (its readers do not need the new tables)."""
+        """Bring a database written before the operations tables (or the checkpoint digest column)
+        existed up to date: additive, so schema 1 readers still read it. A read-only file is left as it
+        is (its readers do not need the additions)."""
         present = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if {"failures", "run_cells", "nightly"} <= present:
+        digest = "trainings" not in present or "checkpoint_sha256" in self.columns("trainings")
+        if {"failures", "run_cells", "nightly"} <= present and digest:
             return
         try:
             with self.connection:
                 self.connection.executescript(OPERATIONS_SCHEMA)
+                if not digest:
+                    self.connection.execute("ALTER TABLE trainings ADD COLUMN checkpoint_sha256 TEXT")
         except sqlite3.OperationalError as exc:
             if "readonly" not in str(exc).replace(" ", "").lower():
                 raise RobustMatrixError(f"cannot update the database {self.path}: {exc}") from None
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> Store:
+        """Open an existing database for reading only (SQLite ``mode=ro``): for a file someone sent,
+        which merge and the leaderboard must never change."""
+        path = Path(path)
+        if path.is_dir():
+            raise RobustMatrixError(f"{path} is a directory, not a database file")
+        if not path.is_file() or path.stat().st_size == 0:
+            raise RobustMatrixError(f"no results database at {path}; run `robustmatrix run` first")
+        return cls(_connect(path, f"{path.resolve().as_uri()}?mode=ro", True), path)
+
+    def columns(self, table: str) -> list[str]:
+        return [row[1] for row in self.connection.execute(f"PRAGMA table_info({table})")]
+
+    def running_runs(self) -> list[sqlite3.Row]:
+        """Runs recorded as still running: their database may be half written."""
+        present = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "runs" not in present:
+            return []
+        return self.connection.execute("SELECT * FROM runs WHERE status = 'running' ORDER BY run_id").fetchall()
 
     def close(self) -> None:
         self.connection.close()
@@ -366,9 +510,7 @@ class Store:
             raise RobustMatrixError(f"cannot write the database {self.path}: {exc}") from None
 
     # ----------------------------------------------------------------------------- writing
-    def _insert(self, table: str, record: Any, extra: Mapping[str, Any] | None = None) -> bool:
-        record.validate()
-        row = {**_row(record), **(extra or {}), "created_at": now()}
+    def _insert(self, table: str, row: Mapping[str, Any]) -> bool:
         columns = ", ".join(row)
         marks = ", ".join(f":{c}" for c in row)
         with self._write() as connection:
@@ -376,24 +518,15 @@ class Store:
         return cursor.rowcount == 1
 
     def put_training(self, record: TrainingRecord) -> bool:
-        return self._insert("trainings", record)
+        return self._insert("trainings", record_row(record))
 
     def put_evaluation(self, record: EvaluationRecord) -> bool:
-        return self._insert("evaluations", record, {"clean_accuracy": record.clean_accuracy})
+        return self._insert("evaluations", record_row(record))
 
     def put_cell(self, record: CellRecord, *, replace_failed: bool = True) -> bool:
         """Write a cell; returns False if an ok cell with this key already exists. A failed cell
         is replaced by a later result for the same key (that is what retrying means)."""
-        record.validate()
-        ok = record.status == "ok"
-        success = record.success_mask
-        extra = {
-            "clean_accuracy": float(np.mean(record.clean_mask)) if ok and record.n_eval else None,
-            "robust_accuracy": float(np.mean(record.robust_mask)) if ok and record.n_eval else None,
-            "success_mask": encode_mask(success) if success is not None else None,
-        }
-        row = {k: v for k, v in _row(record).items() if k != "clean_mask"}
-        row.update(extra, created_at=now())
+        row = record_row(record)
         columns = ", ".join(row)
         marks = ", ".join(f":{c}" for c in row)
         with self._write() as connection:
@@ -504,6 +637,41 @@ class Store:
 def checkpoint_dir(db_path: Path) -> Path:
     """Checkpoints live beside the database they belong to."""
     return Path(db_path).parent / "checkpoints"
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(
+    path: Path, training_key: str, sha256: str | None = None, map_location: Any = "cpu"
+) -> tuple[dict[str, Any], bytes]:
+    """The checkpoint at ``path`` as (payload, its bytes), after checking that its bytes have the
+    expected sha256 (when one is known) and that the training key inside it is ``training_key``: a
+    swapped, torn or foreign file must never be evaluated as this training. The bytes are read once and
+    both hashed and unpickled (``weights_only``), so the file checked is the file loaded. Raises
+    RobustMatrixError naming the mismatch."""
+    import torch  # here, not at the top: the leaderboard imports this module and never loads a model
+
+    name = Path(path).name
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise RobustMatrixError(f"checkpoint {name} cannot be read: {exc.strerror}") from None
+    digest = file_sha256(data)
+    if sha256 is not None and digest != sha256:
+        raise RobustMatrixError(f"checkpoint {name} has sha256 {digest[:16]}…, not the recorded {sha256[:16]}…")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        inside = payload["meta"]["training_key"]
+        payload["state_dict"]  # noqa: B018 - a checkpoint without weights is no checkpoint
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong with it, it is not this training's checkpoint
+        raise RobustMatrixError(f"checkpoint {name} is not a readable checkpoint ({type(exc).__name__})") from None
+    if inside != training_key:
+        raise RobustMatrixError(
+            f"checkpoint {name} holds training {str(inside)[:16]}…, not {training_key[:16]}…; it is another model"
+        )
+    return payload, data
 
 
 def record_dict(record: Any) -> dict[str, Any]:
