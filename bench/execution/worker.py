@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.execution.workbench import Workbench
+from bench.foundation.config import PretrainedSpec
 from bench.foundation.errors import RobustMatrixError
 
 
@@ -31,6 +32,8 @@ class WorkerSettings:
     modules: tuple[str, ...] = ()
     """Modules that register the matrix's components, imported by a worker when an id is missing
     (built-ins and installed plugins are loaded anyway)."""
+    pretrained: tuple[PretrainedSpec, ...] = ()
+    """The matrix's ``[pretrained]`` declarations, registered in the worker like the driver does."""
     checkpoint_cache: str | None = None
     """Where a worker finds checkpoint files (default: this user's private folder in the node's temp
     directory, see :func:`private_cache`)."""
@@ -78,6 +81,9 @@ def private_cache(root: Path | None = None) -> Path:
 def workbench_for(settings: WorkerSettings) -> Workbench:
     """This process's Workbench for ``settings`` (built on first use, with torch's thread count set)."""
     load_components(settings.modules)
+    from defenses.pretrained import register_pretrained
+
+    register_pretrained(settings.pretrained)
     bench = _WORKBENCHES.get(settings)
     if bench is None:
         import torch
