@@ -132,3 +132,17 @@ def test_an_external_model_is_evaluated_and_broken_ones_fail_alone(tmp_path: Pat
     assert row["training"]["epochs"] == 0
     assert {(t["eps"], t["seen"]) for t in row["worst_case_by_threat"]} == {(0.1, True), (0.3, False)}
     assert row["clean"]["value"] > 0.8  # the weights were loaded, not a fresh initialisation
+
+
+def test_worker_processes_register_the_declarations_too(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    torch.save(build_architecture("small-cnn-w16", (1, 8, 8), 10).state_dict(), weights)
+    matrix = write_matrix(
+        tmp_path / "m.toml",
+        'dataset = "digits"\ndefenses = []\nattacks = ["fgsm-linf-v1"]\nn_eval = 20\n[eps]\nlinf = [0.1]\n'
+        + table("ext-v1", weights='"w.pt"', sha256=f'"{_sha(weights)}"'),
+    )
+    db, out = tmp_path / "r.db", tmp_path / "out"
+    result = run_cli("run", "--config", str(matrix), "--db", str(db), "--out", str(out), "--workers", "2", "--quiet")
+    assert result.code == 0, result.stderr
+    assert "1 defenses trained, 1 cells computed" in result.stderr

@@ -32,11 +32,11 @@ class WorkerSettings:
     modules: tuple[str, ...] = ()
     """Modules that register the matrix's components, imported by a worker when an id is missing
     (built-ins and installed plugins are loaded anyway)."""
-    pretrained: tuple[PretrainedSpec, ...] = ()
-    """The matrix's ``[pretrained]`` declarations, registered in the worker like the driver does."""
     checkpoint_cache: str | None = None
     """Where a worker finds checkpoint files (default: this user's private folder in the node's temp
     directory, see :func:`private_cache`)."""
+    pretrained: tuple[PretrainedSpec, ...] = ()
+    """The matrix's ``[pretrained]`` declarations, registered in the worker like the driver does."""
 
 
 _WORKBENCHES: dict[WorkerSettings, Workbench] = {}
