@@ -94,6 +94,12 @@ def _build_parser() -> argparse.ArgumentParser:
     scaffold.add_argument("name", help="plugin name, lowercase words joined by '-' (the defense id is NAME-v1)")
     scaffold.add_argument("--dir", type=Path, default=Path("."), help="parent folder (default: .)")
 
+    export = sub.add_parser("export", help="write a trained defense's weights and a [pretrained] table for them")
+    export.add_argument("id", help="a defense id in the database")
+    export.add_argument("--out", type=Path, required=True, help="folder for the weights and pretrained.toml")
+    export.add_argument("--db", type=Path, default=DEFAULT_RESULTS / "robustmatrix.db", help="results database")
+    export.add_argument("--seed", type=int, help="which seed's training (default: the lowest)")
+
     board = sub.add_parser("leaderboard", help="rebuild the leaderboard from the database alone")
     board.add_argument("--db", type=Path, default=DEFAULT_RESULTS / "robustmatrix.db")
     board.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
@@ -431,6 +437,17 @@ def _cmd_new_defense(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bench.commands.export import export_defense
+
+    if not args.db.is_file():
+        raise RobustMatrixError(f"database {args.db} does not exist")
+    weights, toml = export_defense(args.db, args.id, args.out, args.seed)
+    print(toml.read_text(), end="")
+    print(f"wrote {weights} and {toml}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     _check_folder(args.out, "--out")
     written = _write_leaderboard(args.db, args.out)
@@ -446,6 +463,7 @@ COMMANDS = {
     "merge": _cmd_merge,
     "nightly": _cmd_nightly,
     "leaderboard": _cmd_leaderboard,
+    "export": _cmd_export,
 }
 
 

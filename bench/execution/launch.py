@@ -93,6 +93,7 @@ def make_executor(
                 download,
                 options.cpus_per_task,
                 component_modules(spec),
+                pretrained=tuple(spec.pretrained.values()),
                 checkpoint_cache=str(checkpoint_dir(db_path)),
             )
             pool = PoolExecutor(settings, workers, training_timeout=spec.training_timeout)
@@ -111,7 +112,13 @@ def make_executor(
     from bench.execution.ray_executor import RayExecutor
 
     settings = WorkerSettings(
-        spec.dataset, options.device, data_dir, download, options.cpus_per_task, component_modules(spec)
+        spec.dataset,
+        options.device,
+        data_dir,
+        download,
+        options.cpus_per_task,
+        component_modules(spec),
+        pretrained=tuple(spec.pretrained.values()),
     )
     executor = RayExecutor(
         settings,

@@ -41,6 +41,7 @@ from bench.storage.store import (
     decode_mask,
     encode_mask,
 )
+from defenses.pretrained import register_pretrained
 
 SURROGATE_DEFENSE = "standard-v1"
 WILDCARD = set("*?[")
@@ -162,7 +163,10 @@ class Runner:
         """Where the jobs run, as far as it changes results (keyed): the device type, and on the CPU the
         torch threads per job (their reduction order differs). Set by whoever attaches the executor."""
         dataset.eval_indices(spec.n_eval)
-        self.defenses: list[DefenseSpec] = DEFENSES.select(list(spec.defenses))  # type: ignore[assignment]
+        # Declared [pretrained] models are defenses of this matrix whatever `defenses` selects.
+        pretrained = register_pretrained(spec.pretrained.values())
+        selected = DEFENSES.select(list(spec.defenses)) if spec.defenses else []
+        self.defenses: list[DefenseSpec] = [*selected, *(p for p in pretrained if p not in selected)]  # type: ignore[list-item]
         self.attacks: list[AttackSpec] = ATTACKS.select(list(spec.attacks))  # type: ignore[assignment]
         validate_kwarg_tables(spec.defense_kwargs, DEFENSES, self.defenses)
         validate_kwarg_tables(spec.attack_kwargs, ATTACKS, self.attacks)

@@ -150,7 +150,10 @@ class Workbench:
             kwargs=job.kwargs,
             trained_against=[vars(t) for t in spec.threat_models(job.kwargs)],
             nature=spec.nature(),
-            architecture=architecture_name(job.dataset),
+            # A pretrained defense records the architecture it declares, not the benchmark's.
+            architecture=str(job.kwargs["architecture"])
+            if spec.source.startswith("pretrained")
+            else architecture_name(job.dataset),
             checkpoint=job.checkpoint,
             epochs=int(meta["epochs"]),
             wall_time=float(meta["wall_time"]),

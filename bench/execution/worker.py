@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.execution.workbench import Workbench
+from bench.foundation.config import PretrainedSpec
 from bench.foundation.errors import RobustMatrixError
 
 
@@ -34,6 +35,8 @@ class WorkerSettings:
     checkpoint_cache: str | None = None
     """Where a worker finds checkpoint files (default: this user's private folder in the node's temp
     directory, see :func:`private_cache`)."""
+    pretrained: tuple[PretrainedSpec, ...] = ()
+    """The matrix's ``[pretrained]`` declarations, registered in the worker like the driver does."""
 
 
 _WORKBENCHES: dict[WorkerSettings, Workbench] = {}
@@ -78,6 +81,9 @@ def private_cache(root: Path | None = None) -> Path:
 def workbench_for(settings: WorkerSettings) -> Workbench:
     """This process's Workbench for ``settings`` (built on first use, with torch's thread count set)."""
     load_components(settings.modules)
+    from defenses.pretrained import register_pretrained
+
+    register_pretrained(settings.pretrained)
     bench = _WORKBENCHES.get(settings)
     if bench is None:
         import torch

@@ -12,6 +12,7 @@ preset's table of the same pattern.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -28,6 +29,54 @@ else:  # pragma: no cover
 from bench.foundation.errors import RobustMatrixError
 
 PRESETS = ("default", "quick")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def dataset_family(name: str) -> str:
+    """Datasets whose images and classes are the same: a model trained on one is evaluated on the other."""
+    return "mnist" if name in ("mnist", "mnist-t10k") else name
+
+
+@dataclass(frozen=True)
+class PretrainedSpec:
+    """A defense trained elsewhere (``[pretrained."ID"]``): weights verified by their sha256, loaded
+    into a named or importable architecture, and evaluated like any trained defense."""
+
+    id: str
+    dataset: str
+    architecture: str
+    """A registered architecture name, or "module:callable" returning an nn.Module."""
+    weights: str
+    """Absolute path of the state_dict (relative paths are read from the matrix file's folder)."""
+    sha256: str
+    trained_against: tuple[tuple[str, float, str], ...] = ()
+    """(norm, eps, attack) the authors trained for: the leaderboard's seen cells."""
+    input_range: tuple[float, float] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    randomized: bool = False
+    differentiable: bool = True
+    bpda_approximation: str | None = None
+    saturates_softmax: bool = False
+    clean_accuracy: float | None = None
+    """The clean test accuracy the authors claim (``check`` prints it next to the measured one)."""
+    description: str = ""
+    source: str = ""
+    """Paper or URL the weights come from."""
+    base_dir: str = ""
+    """Folder of the matrix file: where a "module:callable" architecture is imported from."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The declaration as a ``[pretrained."ID"]`` table reads (for the run's recorded config)."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "id"}
+        out["trained_against"] = [{"norm": n, "eps": e, "attack": a} for n, e, a in self.trained_against]
+        for key in ("input_range", "mean", "std"):
+            out[key] = list(out[key]) if out[key] is not None else None
+        return out
+
+
+_PRETRAINED_KEYS = tuple(f.name for f in fields(PretrainedSpec) if f.name != "id")
 
 
 @dataclass(frozen=True)
@@ -49,8 +98,11 @@ class MatrixSpec:
     cell_timeout: float | None = None
     training_timeout: float | None = None
     """Seconds a training may run before the driver of a worker pool or Ray kills it (None: no limit)."""
+    pretrained: Mapping[str, PretrainedSpec] = field(default_factory=dict)
+    """Defenses trained elsewhere, by id: evaluated with the others, never trained."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pretrained", MappingProxyType(dict(self.pretrained)))
         object.__setattr__(self, "eps", MappingProxyType({k: tuple(v) for k, v in self.eps.items()}))
         object.__setattr__(self, "defense_kwargs", MappingProxyType(dict(self.defense_kwargs)))
         object.__setattr__(self, "attack_kwargs", MappingProxyType(dict(self.attack_kwargs)))
@@ -61,6 +113,7 @@ class MatrixSpec:
         out["eps"] = {k: list(v) for k, v in self.eps.items()}
         out["defense_kwargs"] = {k: dict(v) for k, v in self.defense_kwargs.items()}
         out["attack_kwargs"] = {k: dict(v) for k, v in self.attack_kwargs.items()}
+        out["pretrained"] = {k: v.to_dict() for k, v in self.pretrained.items()}
         for key in ("defenses", "attacks", "seeds"):
             out[key] = list(out[key])
         return out
@@ -74,9 +127,11 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _string_list(raw: Any, key: str, source: str) -> tuple[str, ...]:
+def _string_list(raw: Any, key: str, source: str, *, allow_empty: bool = False) -> tuple[str, ...]:
     if isinstance(raw, str):
         raw = [raw]
+    if allow_empty and raw == []:
+        return ()
     if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v for v in raw):
         raise _fail(source, f"'{key}' must be a non-empty list of ids or wildcards")
     return tuple(raw)
@@ -118,13 +173,16 @@ def _kwargs_tables(raw: Any, key: str, source: str) -> dict[str, dict[str, Any]]
     return {name: dict(values) for name, values in raw.items()}
 
 
-def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | None = None) -> MatrixSpec:
+def spec_from_mapping(
+    raw: Mapping[str, Any], source: str, base: MatrixSpec | None = None, base_dir: Path | None = None
+) -> MatrixSpec:
     """Validate a parsed TOML table and lay it over ``base``.
 
     With a ``base`` (a preset, under a user's file) tables are merged: ``eps`` norm by norm (an empty
     list drops a norm) and the kwargs tables pattern by pattern, kwarg by kwarg. Without one, the
     mapping is a complete matrix (a preset, or the config recorded with a run) and its tables are
-    taken as they are, over the dataclass defaults."""
+    taken as they are, over the dataclass defaults. Relative paths of ``[pretrained]`` weights are
+    read from ``base_dir`` (the matrix file's folder; default: the current directory)."""
     merge = base is not None
     base = base or MatrixSpec()
     known = {f.name for f in fields(MatrixSpec)}
@@ -140,7 +198,8 @@ def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | No
                 raise _fail(source, "'dataset' must be a string")
             values[key] = value
         elif key in ("defenses", "attacks"):
-            values[key] = _string_list(value, key, source)
+            # An empty list of defenses: only the [pretrained] ones (checked once the matrix is complete).
+            values[key] = _string_list(value, key, source, allow_empty=key == "defenses")
         elif key == "eps":
             grid = _eps_grid(value, source, allow_empty=merge)
             if merge:
@@ -175,8 +234,100 @@ def spec_from_mapping(raw: Mapping[str, Any], source: str, base: MatrixSpec | No
             if not _number(value) or value <= 0:
                 raise _fail(source, f"'{key}' must be a positive number of seconds, got {value!r}")
             values[key] = float(value)
+        elif key == "pretrained":
+            if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                raise _fail(source, "'pretrained' must be a table of tables, like [pretrained.\"my-model-v1\"]")
+            folder = base_dir if base_dir is not None else Path.cwd()
+            parsed = {name: _pretrained(name, table, source, folder) for name, table in value.items()}
+            values[key] = {**base.pretrained, **parsed} if merge else parsed
     merged = {**{f.name: getattr(base, f.name) for f in fields(MatrixSpec)}, **values}
-    return MatrixSpec(**merged)
+    spec = MatrixSpec(**merged)
+    if not spec.defenses and not spec.pretrained:
+        raise _fail(source, "'defenses' is empty and no [pretrained] defense is declared: nothing to evaluate")
+    for model in spec.pretrained.values():
+        if dataset_family(model.dataset) != dataset_family(spec.dataset):
+            raise _fail(
+                source,
+                f"pretrained {model.id} was trained on {model.dataset}, but the matrix's dataset is {spec.dataset}",
+            )
+    return spec
+
+
+def _pretrained(name: str, raw: Mapping[str, Any], source: str, folder: Path) -> PretrainedSpec:
+    """One ``[pretrained."ID"]`` table, every field checked (one line naming the model)."""
+    from bench.foundation.specs import ID_PATTERN, NORMS
+
+    def bad(message: str) -> RobustMatrixError:
+        return _fail(source, f"pretrained {name}: {message}")
+
+    if not ID_PATTERN.match(name):
+        raise bad("its id must look like 'name-v1' (lower case, digits, '.', '-', ending in -vN)")
+    unknown = sorted(set(raw) - set(_PRETRAINED_KEYS))
+    if unknown:
+        raise bad(f"unknown key '{unknown[0]}' (known: {', '.join(k for k in _PRETRAINED_KEYS if k != 'base_dir')})")
+    for key in ("dataset", "architecture", "weights", "sha256"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise bad(f"'{key}' is required (a non-empty string)")
+    sha = raw["sha256"].lower()
+    if not _SHA256.match(sha):
+        raise bad(f"'sha256' must be 64 hex digits (`sha256sum {raw['weights']}`), got {raw['sha256']!r}")
+    threats = raw.get("trained_against", [])
+    if not isinstance(threats, list) or not all(isinstance(t, Mapping) for t in threats):
+        raise bad('\'trained_against\' must be a list of tables like { norm = "linf", eps = 0.3, attack = "pgd" }')
+    trained: list[tuple[str, float, str]] = []
+    for threat in threats:
+        if set(threat) != {"norm", "eps", "attack"}:
+            raise bad(f"each trained_against entry needs exactly norm, eps and attack, got {sorted(threat)}")
+        if threat["norm"] not in NORMS:
+            raise bad(f"trained_against norm '{threat['norm']}' is unknown (known: {', '.join(NORMS)})")
+        if not _number(threat["eps"]) or threat["eps"] < 0 or not isinstance(threat["attack"], str):
+            raise bad(f"trained_against needs a non-negative eps and an attack name, got {dict(threat)}")
+        trained.append((threat["norm"], float(threat["eps"]), threat["attack"]))
+    vectors: dict[str, tuple[float, ...] | None] = {}
+    for key in ("input_range", "mean", "std"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, list) or not value or not all(_number(v) for v in value)):
+            raise bad(f"'{key}' must be a list of numbers, got {value!r}")
+        vectors[key] = tuple(float(v) for v in value) if value is not None else None
+    if vectors["input_range"] is not None and (
+        len(vectors["input_range"]) != 2 or vectors["input_range"][0] >= vectors["input_range"][1]
+    ):
+        raise bad(f"'input_range' must be [low, high] with low < high, got {raw['input_range']!r}")
+    if vectors["std"] is not None and min(vectors["std"]) <= 0:
+        raise bad("'std' must be positive")
+    flags = {}
+    for key, default in (("randomized", False), ("differentiable", True), ("saturates_softmax", False)):
+        flags[key] = raw.get(key, default)
+        if not isinstance(flags[key], bool):
+            raise bad(f"'{key}' must be true or false")
+    texts = {}
+    for key in ("bpda_approximation", "description", "source"):
+        texts[key] = raw.get(key)
+        if texts[key] is not None and not isinstance(texts[key], str):
+            raise bad(f"'{key}' must be a string")
+    if not flags["differentiable"] and texts["bpda_approximation"] is None:
+        raise bad("a non-differentiable model must declare bpda_approximation (for example 'identity')")
+    claimed = raw.get("clean_accuracy")
+    if claimed is not None and (not _number(claimed) or not 0 <= claimed <= 1):
+        raise bad(f"'clean_accuracy' must be a fraction in [0, 1], got {claimed!r}")
+    base = Path(raw.get("base_dir") or folder)
+    return PretrainedSpec(
+        id=name,
+        dataset=raw["dataset"],
+        architecture=raw["architecture"],
+        weights=str((base / raw["weights"]).resolve()),
+        sha256=sha,
+        trained_against=tuple(trained),
+        input_range=vectors["input_range"],  # type: ignore[arg-type]
+        mean=vectors["mean"],
+        std=vectors["std"],
+        bpda_approximation=texts["bpda_approximation"],
+        clean_accuracy=float(claimed) if claimed is not None else None,
+        description=texts["description"] or "",
+        source=texts["source"] or "",
+        base_dir=str(base.resolve()),
+        **flags,
+    )
 
 
 def _parse_toml(text: str, source: str) -> dict[str, Any]:
@@ -206,4 +357,4 @@ def load_spec(path: str | Path | None = None, *, quick: bool = False) -> MatrixS
         raise RobustMatrixError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RobustMatrixError(f"cannot read config file {path}: {exc}") from None
-    return spec_from_mapping(_parse_toml(text, str(path)), str(path), base)
+    return spec_from_mapping(_parse_toml(text, str(path)), str(path), base, path.parent)
