@@ -17,7 +17,7 @@ from bench.execution.workbench import Workbench
 from bench.execution.worker import WorkerSettings
 from bench.foundation.config import MatrixSpec
 from bench.foundation.data import load_dataset
-from bench.foundation.device import resolve_device
+from bench.foundation.device import resolve_device, worker_devices
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import versions
 from bench.foundation.registry import ATTACKS, DEFENSES
@@ -33,7 +33,8 @@ class ExecutionOptions:
     """A Ray cluster to join (``auto``, ``HOST:6379`` or ``ray://HOST:10001``); None starts a local one."""
     device: str = "auto"
     workers: int | None = None
-    """Local executor: worker processes (None: one per usable core on a CPU, one on a GPU)."""
+    """Local executor: worker processes (None: one per usable core on a CPU, one per visible GPU for
+    ``auto``/``cuda``, one for ``cuda:N``)."""
     cpus_per_task: int = 1
     gpus_per_task: float = 1.0
     gpus_per_training: float = 1.0
@@ -84,7 +85,8 @@ def make_executor(
     """The executor, and the device its jobs run on (as recorded with the run)."""
     if options.executor == "local":
         device = resolve_device(options.device)
-        workers = options.workers if options.workers is not None else auto_workers(str(device))
+        devices = worker_devices(options.device)
+        workers = options.workers if options.workers is not None else auto_workers(devices)
         if workers > 1:
             settings = WorkerSettings(
                 spec.dataset,
@@ -95,7 +97,7 @@ def make_executor(
                 component_modules(spec),
                 checkpoint_cache=str(checkpoint_dir(db_path)),
             )
-            pool = PoolExecutor(settings, workers, training_timeout=spec.training_timeout)
+            pool = PoolExecutor(settings, workers, training_timeout=spec.training_timeout, devices=devices)
             return pool, f"{device} ({workers} workers)"
         workbench = Workbench(
             spec.dataset,

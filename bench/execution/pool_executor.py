@@ -8,7 +8,8 @@ worker reads; only the driver writes the database, one outcome at a time, as wit
 Jobs go to idle workers in the local executor's order (cells, then evaluations, then trainings).
 The eps cells of one minimum-norm attack on one defense share a single minimal run, cached in the
 worker that made it, so they all go to that worker. A worker that dies (killed, out of memory)
-costs only the job it was running, recorded as failed with the reason; a new worker takes its place.
+costs only the job it was running, recorded as failed with the reason; a new worker takes its place
+(and its GPU: on a node with N GPUs worker i is pinned to ``cuda:i mod N``).
 So does a worker whose cell (or training) runs past its budget plus ``GRACE_SECONDS``: the driver
 kills it, since a job stuck in C code or a GPU kernel never sees ``SIGALRM``.
 """
@@ -23,8 +24,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -50,11 +51,11 @@ MAX_AUTO_WORKERS = 8
 own copy of torch, the data and the models it has loaded."""
 
 
-def auto_workers(device: str) -> int:
-    """One worker per usable CPU core (at most MAX_AUTO_WORKERS); one on a GPU, which the worker's
-    batches keep busy."""
-    if device.startswith("cuda"):
-        return 1
+def auto_workers(devices: Sequence[str]) -> int:
+    """One worker per GPU of ``devices`` (each GPU is kept busy by one worker's batches); on a CPU one
+    per usable core (at most MAX_AUTO_WORKERS)."""
+    if devices and devices[0].startswith("cuda"):
+        return len(devices)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -112,6 +113,8 @@ def serve(connection: Connection, settings: WorkerSettings) -> None:
 class _Worker:
     process: Any
     connection: Connection
+    slot: int = 0
+    """Its place in the pool, which fixes its device: a replacement takes the same slot."""
     running: tuple[int, Job] | None = None
     deadline: float | None = None
     """``time.monotonic()`` past which the driver kills the running job (None: no budget)."""
@@ -133,7 +136,10 @@ class PoolExecutor(Executor):
         workers: int,
         training_timeout: float | None = None,
         grace: float = GRACE_SECONDS,
+        devices: Sequence[str] | None = None,
     ) -> None:
+        """``devices``: worker i runs on ``devices[i % len(devices)]`` (default: ``settings.device``
+        for all), so each GPU of a node gets its own workers."""
         if workers < 1:
             raise RobustMatrixError(f"--workers must be at least 1, got {workers}")
         self.settings = settings
@@ -144,14 +150,19 @@ class PoolExecutor(Executor):
         self._order = itertools.count()
         self._pinned: dict[str, int] = {}
         self._size = workers
+        self._devices = tuple(devices) if devices else (settings.device,)
         self._workers: list[_Worker] = []  # started with the first job: a cached run starts none
 
-    def _start(self) -> _Worker:
+    def settings_for(self, slot: int) -> WorkerSettings:
+        """The settings of the worker in ``slot``: the pool's, on that slot's device."""
+        return replace(self.settings, device=self._devices[slot % len(self._devices)])
+
+    def _start(self, slot: int) -> _Worker:
         driver_end, worker_end = self._context.Pipe()
-        process = self._context.Process(target=serve, args=(worker_end, self.settings), daemon=True)
+        process = self._context.Process(target=serve, args=(worker_end, self.settings_for(slot)), daemon=True)
         process.start()
         worker_end.close()
-        return _Worker(process, driver_end)
+        return _Worker(process, driver_end, slot)
 
     # ------------------------------------------------------------------------- the interface
     def submit(self, job: Job) -> None:
@@ -206,7 +217,7 @@ class PoolExecutor(Executor):
     def _dispatch(self) -> None:
         """Give every idle worker the first queued job it may run."""
         if self._queue and not self._workers:
-            self._workers = [self._start() for _ in range(self._size)]
+            self._workers = [self._start(slot) for slot in range(self._size)]
         for index, worker in enumerate(self._workers):
             if worker.running is None and self._queue:
                 job = self._take_for(index)
@@ -244,7 +255,7 @@ class PoolExecutor(Executor):
         worker.process.kill()
         worker.process.join(timeout=5)
         worker.connection.close()
-        replacement = self._start()
+        replacement = self._start(worker.slot)  # same slot, same GPU
         worker.process, worker.connection = replacement.process, replacement.connection
         worker.running, worker.deadline = None, None
         self._dispatch()
@@ -256,6 +267,6 @@ class PoolExecutor(Executor):
         code = worker.process.exitcode
         worker.connection.close()
         reason = f"worker process died (exit code {code})" if code is not None else "worker process stopped answering"
-        replacement = self._start()
+        replacement = self._start(worker.slot)  # same slot, same GPU
         worker.process, worker.connection = replacement.process, replacement.connection
         return job_failed(job, reason)

@@ -27,3 +27,13 @@ def resolve_device(name: str) -> torch.device:
             )
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def worker_devices(name: str) -> list[str]:
+    """The devices local workers are pinned to, worker i to entry i (modulo the length): every visible
+    GPU for ``auto`` on a CUDA machine and for ``cuda``, so N GPUs work in parallel instead of all
+    workers sharing ``cuda:0``; only the named one for ``cuda:N``; the CPU otherwise."""
+    device = resolve_device(name)
+    if device.type == "cuda" and ":" not in name:
+        return [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    return [str(device)]

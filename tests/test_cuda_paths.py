@@ -1,0 +1,140 @@
+"""The GPU paths, on the CPU: worker-per-GPU scheduling with faked device counts, the evaluation
+precision settings, and CUDA faults (out of memory, a device-side assert) raised by fake attacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.execution import launch
+from bench.execution.executor import LocalExecutor
+from bench.execution.jobs import TrainingJob
+from bench.execution.pool_executor import PoolExecutor, auto_workers
+from bench.execution.progress import Progress
+from bench.execution.runner import Runner
+from bench.execution.worker import WorkerSettings
+from bench.foundation.config import MatrixSpec
+from bench.foundation.device import worker_devices
+from bench.storage.store import Store
+
+
+@pytest.fixture
+def four_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node with four visible CUDA GPUs, as far as device selection can tell."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+
+def test_one_worker_per_gpu(four_gpus: None) -> None:
+    gpus = [f"cuda:{i}" for i in range(4)]
+    assert worker_devices("auto") == worker_devices("cuda") == gpus
+    assert auto_workers(gpus) == 4, "--workers auto: one worker per visible GPU"
+    assert worker_devices("cuda:2") == ["cuda:2"] and auto_workers(["cuda:2"]) == 1, "cuda:N pins to one GPU"
+    assert worker_devices("cpu") == ["cpu"]
+
+
+class _FakeProcess:
+    """A worker process that never starts: the pool's bookkeeping alone."""
+
+    started: list[str] = []
+
+    def __init__(self, target: object, args: tuple[object, WorkerSettings], daemon: bool) -> None:
+        self.settings = args[1]
+        self.exitcode = -9
+
+    def start(self) -> None:
+        _FakeProcess.started.append(self.settings.device)
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+
+class _FakeConnection:
+    def send(self, message: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _pool(monkeypatch: pytest.MonkeyPatch, workers: int, devices: list[str]) -> PoolExecutor:
+    pool = PoolExecutor(WorkerSettings("digits", devices[0]), workers, devices=devices)
+    monkeypatch.setattr(pool._context, "Process", _FakeProcess)
+    monkeypatch.setattr(pool._context, "Pipe", lambda: (_FakeConnection(), _FakeConnection()))
+    _FakeProcess.started = []
+    return pool
+
+
+def test_workers_are_pinned_round_robin_and_a_replacement_keeps_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = [f"cuda:{i}" for i in range(4)]
+    pool = _pool(monkeypatch, 8, gpus)
+    job = TrainingJob("t" * 32, "standard-v1", {}, "digits", 0, "c.pt")
+    pool._queue = []  # start the workers without running anything
+    pool.submit(job)
+    pool._dispatch()
+    assert _FakeProcess.started == gpus + gpus, "worker i on cuda:(i mod 4), not every worker on cuda:0"
+    busy = next(w for w in pool._workers if w.running is not None)
+    assert busy.process.settings.device == "cuda:0"
+    third = pool._workers[2]
+    third.running = (99, job)
+    pool._lost(third, job)  # died (a driver kill goes through the same replacement)
+    assert third.process.settings.device == "cuda:2", "the replacement keeps the dead worker's GPU"
+    pool._workers = []
+
+
+def test_cuda_n_pins_every_worker_to_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = _pool(monkeypatch, 3, ["cuda:1"])
+    assert [pool.settings_for(slot).device for slot in range(3)] == ["cuda:1"] * 3
+
+
+def test_make_executor_spreads_auto_over_the_gpus(four_gpus: None, tmp_path: Path) -> None:
+    spec = MatrixSpec(defenses=("standard-v1",), attacks=("fgsm-linf-v1",))
+    executor, described = launch.make_executor(
+        launch.ExecutionOptions(device="auto"), spec, tmp_path / "r.db", None, False, Progress()
+    )
+    assert isinstance(executor, PoolExecutor) and described == "cuda (4 workers)"
+    assert [executor.settings_for(slot).device for slot in range(4)] == [f"cuda:{i}" for i in range(4)]
+    pinned, described = launch.make_executor(
+        launch.ExecutionOptions(device="cuda:3"), spec, tmp_path / "r.db", None, False, Progress()
+    )
+    assert isinstance(pinned, LocalExecutor) and described == "cuda:3"
+    pinned.close()
+    many, _ = launch.make_executor(
+        launch.ExecutionOptions(device="cuda:3", workers=2), spec, tmp_path / "r.db", None, False, Progress()
+    )
+    assert isinstance(many, PoolExecutor) and {many.settings_for(s).device for s in range(2)} == {"cuda:3"}
+
+
+class _Recorder(LocalExecutor):
+    """Takes jobs and runs none: what the runner submits, in order."""
+
+    def __init__(self) -> None:
+        self.submitted: list[object] = []
+
+    def submit(self, job: object) -> None:
+        self.submitted.append(job)
+
+    def pending(self) -> int:
+        return 0
+
+
+def test_longest_trainings_start_first(digits: object, tmp_path: Path) -> None:
+    spec = MatrixSpec(
+        defenses=("standard-v1", "fgsm-at-linf-v1", "pgd-at-linf-v1"),
+        attacks=("fgsm-linf-v1",),
+        defense_kwargs={"*": {"epochs": 2}, "fgsm-at-linf-v1": {"epochs": 3}, "pgd-at-linf-v1": {"steps": 5}},
+    )
+    recorder = _Recorder()
+    runner = Runner(spec, digits, recorder)  # type: ignore[arg-type]
+    with Store.open(tmp_path / "r.db") as store:
+        runner.run(store)
+    lengths = [job.declared_length for job in recorder.submitted]  # type: ignore[attr-defined]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] == 12, lengths
