@@ -3,6 +3,7 @@ precision settings, and CUDA faults (out of memory, a device-side assert) raised
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,16 @@ from bench.execution.progress import Progress
 from bench.execution.runner import Runner
 from bench.execution.worker import WorkerSettings
 from bench.foundation.config import MatrixSpec
-from bench.foundation.device import worker_devices
+from bench.foundation.device import evaluation_precision, prepare_device, worker_devices
 from bench.storage.store import Store
 
 
 @pytest.fixture
-def four_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A node with four visible CUDA GPUs, as far as device selection can tell."""
+def four_gpus(monkeypatch: pytest.MonkeyPatch, torch_flags: None) -> None:
+    """A node with four visible CUDA GPUs, as far as device selection and pinning can tell."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
 
 
 def test_one_worker_per_gpu(four_gpus: None) -> None:
@@ -138,3 +140,54 @@ def test_longest_trainings_start_first(digits: object, tmp_path: Path) -> None:
         runner.run(store)
     lengths = [job.declared_length for job in recorder.submitted]  # type: ignore[attr-defined]
     assert lengths == sorted(lengths, reverse=True) and lengths[0] == 12, lengths
+
+
+@pytest.fixture
+def torch_flags(monkeypatch: pytest.MonkeyPatch):
+    """Restore every process-wide flag a CUDA preparation changes."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved[2:5]
+    torch.set_float32_matmul_precision(saved[5])
+
+
+def test_a_cuda_worker_is_pinned_and_deterministic(monkeypatch: pytest.MonkeyPatch, torch_flags: None) -> None:
+    pinned: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", pinned.append)
+    torch.backends.cudnn.benchmark = True
+    prepare_device(torch.device("cpu"))
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+    prepare_device(torch.device("cuda", 2))
+    assert pinned == [torch.device("cuda", 2)]
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "highest", "torch's defaults"
+
+
+def test_evaluation_runs_without_tf32(torch_flags: None) -> None:
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    with evaluation_precision(torch.device("cpu")):
+        assert torch.backends.cudnn.allow_tf32, "the CPU has no TF32: nothing changes"
+    with evaluation_precision(torch.device("cuda", 0)):
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high", "restored"
+
+
+def test_cuda_keys_carry_the_device_type_and_precision() -> None:
+    cpu, cuda = launch.keyed_environment("cpu (2 workers)", 1), launch.keyed_environment("cuda (4 workers)", 1)
+    assert cpu == {"device": "cpu", "threads": 1}, "CPU keys are unchanged"
+    assert cuda["device"] == "cuda" and cuda["precision"]["tf32_evaluation"] is False
+    assert cuda["precision"]["deterministic"] is True
+    assert launch.keyed_environment("cuda:3", 1) == cuda, "every GPU of a type shares its results"

@@ -17,7 +17,7 @@ from bench.execution.workbench import Workbench
 from bench.execution.worker import WorkerSettings
 from bench.foundation.config import MatrixSpec
 from bench.foundation.data import load_dataset
-from bench.foundation.device import resolve_device, worker_devices
+from bench.foundation.device import cuda_precision, resolve_device, worker_devices
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import versions
 from bench.foundation.registry import ATTACKS, DEFENSES
@@ -129,9 +129,11 @@ def make_executor(
 
 def keyed_environment(device: str, threads: int) -> dict[str, Any]:
     """What of the executor's environment goes into every key: CPU and CUDA results differ (other
-    kernels, other reductions), and so do CPU results at other torch thread counts."""
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    return {"device": kind, "threads": int(threads) if kind == "cpu" else None}
+    kernels, other reductions), so do CPU results at other torch thread counts, and CUDA results at
+    another precision (TF32) or without deterministic algorithms."""
+    if device.startswith("cuda"):
+        return {"device": "cuda", "threads": None, "precision": cuda_precision()}
+    return {"device": "cpu", "threads": int(threads)}
 
 
 def run_matrix(

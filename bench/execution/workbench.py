@@ -28,6 +28,7 @@ from bench.execution.probes import observe
 from bench.execution.timebudget import Budget, TimeBudgetExceeded, time_budget
 from bench.foundation.counting import CountingModel, PassCounter
 from bench.foundation.data import Dataset, load_dataset
+from bench.foundation.device import evaluation_precision, prepare_device
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import digest, seed_everything, seed_from, versions
 from bench.foundation.models import architecture_name, build_model
@@ -91,6 +92,7 @@ class Workbench:
     ) -> None:
         self.dataset_name = dataset
         self.device = device
+        prepare_device(device)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.data_dir = data_dir
         self.download = download
@@ -219,11 +221,12 @@ class Workbench:
         loaded = self.load(job.training)
         x, y = self.eval_set(job.n_eval)
         seed_everything(seed_from(job.eval_key))
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_precision(self.device):
             logits = torch.cat([loaded.deployed(x[i : i + 500]) for i in range(0, len(y), 500)])
         _require_finite(logits, f"{job.training.defense_id}'s outputs on clean examples")
         correct = logits.argmax(dim=1) == y
-        observed = observe(loaded.deployed, x, y)
+        with evaluation_precision(self.device):
+            observed = observe(loaded.deployed, x, y)
         return EvaluationRecord(job.eval_key, job.training.training_key, job.n_eval, correct.cpu().numpy(), observed)
 
     # -------------------------------------------------------------------------------- cells
@@ -234,7 +237,7 @@ class Workbench:
         start = time.perf_counter()
         counter = PassCounter()
         try:
-            with time_budget(job.timeout) as budget:
+            with time_budget(job.timeout) as budget, evaluation_precision(self.device):
                 robust, mean_norm = self._attack(job, counter, budget)
             status, error = "ok", None
         except TimeBudgetExceeded as exc:

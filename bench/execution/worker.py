@@ -84,8 +84,6 @@ def workbench_for(settings: WorkerSettings) -> Workbench:
 
         torch.set_num_threads(settings.threads)
         device = torch.device(settings.device)
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)  # code that says plain "cuda" also lands on this worker's GPU
         cache = Path(settings.checkpoint_cache) if settings.checkpoint_cache else private_cache()
         bench = Workbench(settings.dataset, device, cache, settings.data_dir, settings.download)
         _WORKBENCHES[settings] = bench
