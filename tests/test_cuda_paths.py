@@ -19,6 +19,8 @@ from bench.execution.worker import WorkerSettings
 from bench.foundation.config import MatrixSpec
 from bench.foundation.device import evaluation_precision, prepare_device, worker_devices
 from bench.storage.store import Store
+from tests.components import HEADER, components
+from tests.conftest import TINY_MATRIX, run_cli, write_matrix
 
 
 @pytest.fixture
@@ -107,8 +109,7 @@ def test_make_executor_spreads_auto_over_the_gpus(four_gpus: None, tmp_path: Pat
     pinned, described = launch.make_executor(
         launch.ExecutionOptions(device="cuda:3"), spec, tmp_path / "r.db", None, False, Progress()
     )
-    assert isinstance(pinned, LocalExecutor) and described == "cuda:3"
-    pinned.close()
+    assert isinstance(pinned, PoolExecutor) and described == "cuda:3 (1 worker)", "a worker that can be replaced"
     many, _ = launch.make_executor(
         launch.ExecutionOptions(device="cuda:3", workers=2), spec, tmp_path / "r.db", None, False, Progress()
     )
@@ -191,3 +192,100 @@ def test_cuda_keys_carry_the_device_type_and_precision() -> None:
     assert cuda["device"] == "cuda" and cuda["precision"]["tf32_evaluation"] is False
     assert cuda["precision"]["deterministic"] is True
     assert launch.keyed_environment("cuda:3", 1) == cuda, "every GPU of a type shares its results"
+
+
+FAULTY = (
+    HEADER
+    + """
+import os
+from pathlib import Path
+
+TRIES = Path(__file__).with_name("tries")
+
+
+@register_attack("oom-above-16-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))
+class OomAbove16(Attack):
+    \"\"\"Runs out of GPU memory on batches of more than 16 examples.\"\"\"
+
+    def generate(self, victim, x, y):
+        if len(x) > 16:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({len(x)} examples)")
+        return x
+
+
+@register_attack("oom-always-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))
+class OomAlways(Attack):
+    def generate(self, victim, x, y):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 MiB")
+
+
+@register_attack("assert-once-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))
+class AssertOnce(Attack):
+    \"\"\"A device-side assert in the first process that runs it (the file lists the pids that tried).\"\"\"
+
+    def generate(self, victim, x, y):
+        pids = TRIES.read_text().split() if TRIES.exists() else []
+        if str(os.getpid()) not in pids:
+            TRIES.write_text(" ".join([*pids, str(os.getpid())]))
+        if len(pids) == 0:
+            raise RuntimeError("CUDA error: device-side assert triggered")
+        return x
+
+
+@register_attack("assert-always-linf-v1", family="gradient", norm="linf", budget_defaults=Budget(steps=1, restarts=1))
+class AssertAlways(Attack):
+    def generate(self, victim, x, y):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+"""
+)
+
+
+def _faulty_matrix(tmp_path: Path, *attacks: str) -> Path:
+    listed = ", ".join(f'"{a}"' for a in attacks)
+    text = TINY_MATRIX.replace('"fgsm-linf-v1", "pgd-linf-v1"', listed).replace(
+        '"standard-v1", "pgd-at-linf-v1"', '"standard-v1"'
+    )
+    return write_matrix(tmp_path / "matrix.toml", text.replace("n_eval = 60", "n_eval = 60\nbatch_size = 64")[:])
+
+
+def _cells(db: Path) -> list[tuple]:
+    import sqlite3
+
+    query = "SELECT attack_id, eps, status, error, json_extract(versions, '$.attack_batch_size') FROM cells"
+    return sqlite3.connect(db).execute(query + " ORDER BY attack_id, eps").fetchall()
+
+
+def test_out_of_memory_halves_the_batch_and_records_it(tmp_path: Path) -> None:
+    with components(tmp_path / "mods", FAULTY):
+        config = _faulty_matrix(tmp_path, "oom-above-16-linf-v1", "oom-always-linf-v1")
+        result = run_cli("run", "--config", str(config), "--quiet", "--device", "cpu", "--db", str(tmp_path / "r.db"))
+    assert result.code == 1, result.stderr
+    cells = _cells(tmp_path / "r.db")
+    assert [c[2:] for c in cells if c[0] == "oom-above-16-linf-v1"] == [("ok", None, "16")] * 2, "64 -> 32 -> 16"
+    always = [c for c in cells if c[0] == "oom-always-linf-v1"]
+    assert len(always) == 2 and all(c[2] == "failed" and c[4] == "8" for c in always), "down to the floor of 8"
+    assert all(c[3].startswith("out of memory at attack batch 8") for c in always), always
+
+
+def test_a_device_side_assert_restarts_the_worker_and_retries(tmp_path: Path) -> None:
+    """The assert is never stored: the worker exits, a fresh one (another process) runs the cell."""
+    with components(tmp_path / "mods", FAULTY):
+        config = _faulty_matrix(tmp_path, "assert-once-linf-v1", "assert-always-linf-v1")
+        db = str(tmp_path / "r.db")
+        result = run_cli("run", "--config", str(config), "--quiet", "--device", "cpu", "--workers", "2", "--db", db)
+        tries = (tmp_path / "mods" / "tries").read_text().split()
+    assert result.code == 1, result.stderr
+    cells = _cells(tmp_path / "r.db")
+    assert [c[2] for c in cells if c[0] == "assert-once-linf-v1"] == ["ok", "ok"]
+    assert len(set(tries)) >= 2, "retried in a fresh worker process"
+    always = [c for c in cells if c[0] == "assert-always-linf-v1"]
+    assert [c[2] for c in always] == ["failed", "failed"]
+    assert all("device-side assert triggered (a device fault, on each of 3 tries)" in c[3] for c in always), always
+
+
+def test_the_in_process_executor_retries_a_device_fault_then_fails(tmp_path: Path) -> None:
+    with components(tmp_path / "mods", FAULTY):
+        config = _faulty_matrix(tmp_path, "assert-always-linf-v1")
+        result = run_cli("run", "--config", str(config), "--quiet", "--device", "cpu", "--db", str(tmp_path / "r.db"))
+    assert result.code == 1 and "device fault, on each of 3 tries" in result.stderr, result.stderr
+

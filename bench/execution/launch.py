@@ -87,7 +87,7 @@ def make_executor(
         device = resolve_device(options.device)
         devices = worker_devices(options.device)
         workers = options.workers if options.workers is not None else auto_workers(devices)
-        if workers > 1:
+        if workers > 1 or device.type == "cuda":  # a CUDA job runs in a worker that can be replaced
             settings = WorkerSettings(
                 spec.dataset,
                 str(device),
@@ -98,7 +98,7 @@ def make_executor(
                 checkpoint_cache=str(checkpoint_dir(db_path)),
             )
             pool = PoolExecutor(settings, workers, training_timeout=spec.training_timeout, devices=devices)
-            return pool, f"{device} ({workers} workers)"
+            return pool, f"{device} ({workers} worker{'s' if workers > 1 else ''})"
         workbench = Workbench(
             spec.dataset,
             device,

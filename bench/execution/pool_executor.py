@@ -11,7 +11,9 @@ worker that made it, so they all go to that worker. A worker that dies (killed, 
 costs only the job it was running, recorded as failed with the reason; a new worker takes its place
 (and its GPU: on a node with N GPUs worker i is pinned to ``cuda:i mod N``).
 So does a worker whose cell (or training) runs past its budget plus ``GRACE_SECONDS``: the driver
-kills it, since a job stuck in C code or a GPU kernel never sees ``SIGALRM``.
+kills it, since a job stuck in C code or a GPU kernel never sees ``SIGALRM``. A CUDA error in a job
+(a device-side assert poisons the process's context) ends its worker instead of being stored; a
+fresh worker on the same GPU retries the job, ``MAX_FAULT_RETRIES`` times at most.
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ from typing import Any
 
 from bench.execution.executor import (
     GRACE_SECONDS,
+    MAX_FAULT_RETRIES,
     PRIORITY,
     Executor,
     Job,
     JobFailure,
     Outcome,
+    after_faults,
     driver_limit,
     job_failed,
+    job_key,
     killed_by_driver,
     run_job,
 )
 from bench.execution.jobs import CellJob
-from bench.execution.workbench import failure_reason, minimal_run_key
+from bench.execution.workbench import DeviceFault, failure_reason, minimal_run_key
 from bench.execution.worker import WorkerSettings, workbench_for
 from bench.foundation.errors import RobustMatrixError
 
@@ -65,6 +70,8 @@ def auto_workers(devices: Sequence[str]) -> int:
 
 STARTED = -1
 """What a worker sends when it takes a job, before its outcome: the driver's budget clock starts."""
+FAULT = -2
+"""What a worker sends instead of an outcome after a device fault, just before it exits."""
 
 
 def _die_with_parent() -> None:
@@ -102,7 +109,12 @@ def serve(connection: Connection, settings: WorkerSettings) -> None:
             connection.send((STARTED, None))
         except (BrokenPipeError, ConnectionError):
             return
-        outcome = run_job(bench, job) if bench is not None else job_failed(job, broken or "")
+        try:
+            outcome = run_job(bench, job) if bench is not None else job_failed(job, broken or "")
+        except DeviceFault as fault:  # this process's CUDA context may be unusable: end it
+            with contextlib.suppress(BrokenPipeError, ConnectionError):
+                connection.send((FAULT, str(fault)))
+            return
         try:
             connection.send((number, outcome))
         except (BrokenPipeError, ConnectionError):
@@ -149,6 +161,8 @@ class PoolExecutor(Executor):
         self._queue: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
         self._pinned: dict[str, int] = {}
+        self._faults: dict[str, int] = {}
+        """Device faults so far per job key."""
         self._size = workers
         self._devices = tuple(devices) if devices else (settings.device,)
         self._workers: list[_Worker] = []  # started with the first job: a cached run starts none
@@ -194,6 +208,11 @@ class PoolExecutor(Executor):
                     limit = driver_limit(job, self.training_timeout)
                     worker.deadline = None if limit is None else time.monotonic() + limit + self.grace
                     continue
+                if finished == FAULT:  # the worker is gone; the job runs again, or has failed
+                    failed = self._faulted(worker, job, str(outcome))
+                    if failed is None:
+                        continue
+                    return failed
                 if finished != number:  # pragma: no cover - one job per worker at a time
                     raise RuntimeError(f"worker answered job {finished} while running {number}")
             worker.running, worker.deadline = None, None
@@ -260,6 +279,25 @@ class PoolExecutor(Executor):
         worker.running, worker.deadline = None, None
         self._dispatch()
         return killed_by_driver(job, driver_limit(job, self.training_timeout) or 0.0, self.grace)
+
+    def _faulted(self, worker: _Worker, job: Job, fault: str) -> Outcome | JobFailure | None:
+        """A device fault in ``job``: the worker exits and a fresh one takes its slot (and GPU); the
+        job is queued again unless it has had ``MAX_FAULT_RETRIES`` retries, then it fails (returned)."""
+        worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5)
+        worker.connection.close()
+        replacement = self._start(worker.slot)
+        worker.process, worker.connection = replacement.process, replacement.connection
+        worker.running, worker.deadline = None, None
+        key = job_key(job)
+        self._faults[key] = self._faults.get(key, 0) + 1
+        failed = after_faults(job, self._faults.pop(key), fault) if self._faults[key] > MAX_FAULT_RETRIES else None
+        if failed is None:
+            self.submit(job)
+        self._dispatch()
+        return failed
 
     def _lost(self, worker: _Worker, job: Job) -> Outcome | JobFailure:
         """The worker died with ``job``: that job fails with the reason, a new worker takes its place."""
