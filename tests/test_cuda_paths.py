@@ -289,3 +289,14 @@ def test_the_in_process_executor_retries_a_device_fault_then_fails(tmp_path: Pat
         result = run_cli("run", "--config", str(config), "--quiet", "--device", "cpu", "--db", str(tmp_path / "r.db"))
     assert result.code == 1 and "device fault, on each of 3 tries" in result.stderr, result.stderr
 
+
+def test_the_suite_runs_on_the_cpu_on_a_gpu_host(four_gpus: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/conftest.py sets $ROBUSTMATRIX_DEVICE=cpu: every command's --device defaults to it, in
+    process and in subprocesses, even where CUDA is there; without it the default is auto."""
+    from bench.commands.cli import _build_parser
+
+    assert os.environ["ROBUSTMATRIX_DEVICE"] == "cpu"
+    for command in (["run"], ["nightly"], ["check", "standard-v1"]):
+        assert _build_parser().parse_args(command).device == "cpu", command
+    monkeypatch.delenv("ROBUSTMATRIX_DEVICE")
+    assert _build_parser().parse_args(["run"]).device == "auto"
