@@ -27,6 +27,20 @@ load_builtins()
 # Runs in tests use the in-process executor (fast to start, and it sees components that tests register
 # in this process); tests/test_executor_pool.py runs the worker pool itself.
 os.environ.setdefault("ROBUSTMATRIX_WORKERS", "1")
+# The suite compares databases bit for bit and pins expected numbers: on a GPU host `--device auto`
+# would run it on CUDA. Every command (in process or a subprocess) defaults to the CPU; GPU tests
+# pass `--device cuda` and are marked `gpu` (skipped without CUDA, see pytest_collection_modifyitems).
+os.environ["ROBUSTMATRIX_DEVICE"] = "cpu"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a CUDA device: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:  # not "gpu" in keywords: a parameter id may say gpu
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

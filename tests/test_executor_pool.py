@@ -130,9 +130,9 @@ def test_a_dying_worker_costs_only_its_job(tmp_path):
 
 
 def test_worker_counts():
-    assert auto_workers("cuda:0") == 1, "one worker keeps a GPU busy"
+    assert auto_workers(["cuda:0"]) == 1, "one worker keeps a GPU busy"
     cores = len(os.sched_getaffinity(0))
-    assert auto_workers("cpu") == min(cores, MAX_AUTO_WORKERS), "one per usable core, capped"
+    assert auto_workers(["cpu"]) == min(cores, MAX_AUTO_WORKERS), "one per usable core, capped"
     config_free = run_cli("run", "--workers", "0", "--quiet")
     assert config_free.code == 2 and "--workers must be 'auto' or a number of processes >= 1" in config_free.stderr
     ray = run_cli("run", "--workers", "2", "--executor", "ray", "--quiet")

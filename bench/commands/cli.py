@@ -34,6 +34,15 @@ class _Parser(argparse.ArgumentParser):
         raise RobustMatrixError(f"{self.prog}: {message}")
 
 
+DEVICE_HELP = "auto, cpu, cuda or cuda:N (default: auto, or $ROBUSTMATRIX_DEVICE)"
+
+
+def _default_device() -> str:
+    """``--device``'s default: ``auto``, or $ROBUSTMATRIX_DEVICE (the test suite sets ``cpu``, so its
+    bit-for-bit comparisons run on the CPU on a GPU host too)."""
+    return os.environ.get("ROBUSTMATRIX_DEVICE", "auto")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="robustmatrix", description="Attack-vs-defense benchmark for adversarial robustness.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -49,7 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="the quick preset: fewer examples, epochs and eps")
     run.add_argument("--db", type=Path, help="results database (default: results/robustmatrix.db)")
     run.add_argument("--out", type=Path, help="leaderboard folder (default: results/)")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    run.add_argument("--device", default=_default_device(), help=DEVICE_HELP)
     run.add_argument("--defense", action="append", metavar="ID", help="only these defenses (repeatable)")
     run.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
     run.add_argument("--no-download", action="store_true", help="never download dataset files")
@@ -67,7 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
     nightly.add_argument("--quick", action="store_true", help="the quick preset")
     nightly.add_argument("--db", type=Path, default=DEFAULT_RESULTS / "robustmatrix.db", help="results database")
     nightly.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "nightly", help="report folder")
-    nightly.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    nightly.add_argument("--device", default=_default_device(), help=DEVICE_HELP)
     nightly.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
     nightly.add_argument("--no-download", action="store_true", help="never download dataset files")
     nightly.add_argument("--retry-failed", action="store_true", help="re-run failed cells, trainings, evaluations")
@@ -85,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="sanity-check a defense or attack (e.g. a plugin) before it enters the matrix")
     check.add_argument("id", help="a registered defense or attack id")
     check.add_argument("--dataset", default="digits", help="dataset to check on (default: digits)")
-    check.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    check.add_argument("--device", default=_default_device(), help=DEVICE_HELP)
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
     check.add_argument("--json", action="store_true", help="machine-readable findings")
@@ -111,7 +120,7 @@ def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="Ray cluster to join (auto, HOST:PORT, ray://HOST:10001); default: local")
     parser.add_argument(
         "--workers",
-        help="local: worker processes (auto: one per core on a CPU, 1 on a GPU; default: auto, "
+        help="local: worker processes (auto: one per core on a CPU, one per GPU; default: auto, "
         "or $ROBUSTMATRIX_WORKERS)",
     )
     parser.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per job or Ray task")

@@ -20,7 +20,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
-from bench.execution.workbench import Workbench, failed_cell, failure_reason
+from bench.execution.workbench import (
+    DeviceFault,
+    Workbench,
+    failed_cell,
+    failure_reason,
+    is_cuda_error,
+    is_out_of_memory,
+)
 from bench.storage.store import CellRecord, EvaluationRecord, TrainingRecord
 
 Job = TrainingJob | EvaluationJob | CellJob
@@ -43,15 +50,35 @@ class JobFailure:
         return self.job if isinstance(self.job, TrainingJob) else self.job.training
 
 
+MAX_FAULT_RETRIES = 2
+"""How often a job that hit a :class:`DeviceFault` is retried (on a fresh worker where the executor
+has workers) before it is recorded as failed with the fault's reason."""
+
+
 def run_job(workbench: Workbench, job: Job) -> Outcome | JobFailure:
     """Run one job on a workbench; a failing training or evaluation becomes a JobFailure
-    (a cell turns its own failures into a failed record)."""
+    (a cell turns its own failures into a failed record). A CUDA error or out-of-memory raises
+    :class:`DeviceFault` instead: the worker is at fault, not the job."""
     if isinstance(job, CellJob):
         return workbench.run_cell(job)
     try:
         return workbench.train(job) if isinstance(job, TrainingJob) else workbench.evaluate(job)
     except Exception as exc:  # noqa: BLE001 - recorded with its reason; other defenses go on
+        if is_cuda_error(exc) or is_out_of_memory(exc):
+            raise DeviceFault(failure_reason(exc)) from exc
         return JobFailure(job, failure_reason(exc))
+
+
+def job_key(job: Job) -> str:
+    """The key a job's result is stored under."""
+    if isinstance(job, CellJob):
+        return job.cell_key
+    return job.training_key if isinstance(job, TrainingJob) else job.eval_key
+
+
+def after_faults(job: Job, tries: int, fault: str) -> Outcome | JobFailure:
+    """The failed outcome of a job that hit a device fault on every one of ``tries`` tries."""
+    return job_failed(job, f"{fault} (a device fault, on each of {tries} tries)"[:500])
 
 
 def job_failed(job: Job, reason: str) -> Outcome | JobFailure:
@@ -144,5 +171,13 @@ class LocalExecutor(Executor):
         return len(self._queue)
 
     def next_finished(self) -> Outcome | JobFailure:
+        """The next job's outcome. A device fault is retried in this process, which has no fresh
+        worker to move to (a transient fault passes; after a device-side assert the tries fail too)."""
         _, _, job = heapq.heappop(self._queue)
-        return run_job(self.workbench, job)
+        fault = ""
+        for _ in range(MAX_FAULT_RETRIES + 1):
+            try:
+                return run_job(self.workbench, job)
+            except DeviceFault as exc:
+                fault = str(exc)
+        return after_faults(job, MAX_FAULT_RETRIES + 1, fault)

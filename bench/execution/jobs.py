@@ -21,6 +21,17 @@ class TrainingJob:
     seed: int
     checkpoint: str  # file name inside the checkpoint directory
 
+    @property
+    def declared_length(self) -> int:
+        """Epochs x (1 + attack steps) from the declared kwargs: a proxy of how long the training
+        runs, so the runner starts the longest first and the last GPU is not left with one long pole."""
+
+        def whole(name: str, default: int) -> int:
+            value = self.kwargs.get(name, default)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+        return whole("epochs", 1) * (1 + whole("steps", 0))
+
 
 @dataclass(frozen=True)
 class EvaluationJob:

@@ -17,7 +17,7 @@ from bench.execution.workbench import Workbench
 from bench.execution.worker import WorkerSettings
 from bench.foundation.config import MatrixSpec
 from bench.foundation.data import load_dataset
-from bench.foundation.device import resolve_device
+from bench.foundation.device import cuda_precision, resolve_device, worker_devices
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import versions
 from bench.foundation.registry import ATTACKS, DEFENSES
@@ -33,7 +33,8 @@ class ExecutionOptions:
     """A Ray cluster to join (``auto``, ``HOST:6379`` or ``ray://HOST:10001``); None starts a local one."""
     device: str = "auto"
     workers: int | None = None
-    """Local executor: worker processes (None: one per usable core on a CPU, one on a GPU)."""
+    """Local executor: worker processes (None: one per usable core on a CPU, one per visible GPU for
+    ``auto``/``cuda``, one for ``cuda:N``)."""
     cpus_per_task: int = 1
     gpus_per_task: float = 1.0
     gpus_per_training: float = 1.0
@@ -84,8 +85,9 @@ def make_executor(
     """The executor, and the device its jobs run on (as recorded with the run)."""
     if options.executor == "local":
         device = resolve_device(options.device)
-        workers = options.workers if options.workers is not None else auto_workers(str(device))
-        if workers > 1:
+        devices = worker_devices(options.device)
+        workers = options.workers if options.workers is not None else auto_workers(devices)
+        if workers > 1 or device.type == "cuda":  # a CUDA job runs in a worker that can be replaced
             settings = WorkerSettings(
                 spec.dataset,
                 str(device),
@@ -96,8 +98,8 @@ def make_executor(
                 pretrained=tuple(spec.pretrained.values()),
                 checkpoint_cache=str(checkpoint_dir(db_path)),
             )
-            pool = PoolExecutor(settings, workers, training_timeout=spec.training_timeout)
-            return pool, f"{device} ({workers} workers)"
+            pool = PoolExecutor(settings, workers, training_timeout=spec.training_timeout, devices=devices)
+            return pool, f"{device} ({workers} worker{'s' if workers > 1 else ''})"
         workbench = Workbench(
             spec.dataset,
             device,
@@ -134,9 +136,11 @@ def make_executor(
 
 def keyed_environment(device: str, threads: int) -> dict[str, Any]:
     """What of the executor's environment goes into every key: CPU and CUDA results differ (other
-    kernels, other reductions), and so do CPU results at other torch thread counts."""
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    return {"device": kind, "threads": int(threads) if kind == "cpu" else None}
+    kernels, other reductions), so do CPU results at other torch thread counts, and CUDA results at
+    another precision (TF32) or without deterministic algorithms."""
+    if device.startswith("cuda"):
+        return {"device": "cuda", "threads": None, "precision": cuda_precision()}
+    return {"device": "cpu", "threads": int(threads)}
 
 
 def run_matrix(

@@ -8,9 +8,12 @@ worker reads; only the driver writes the database, one outcome at a time, as wit
 Jobs go to idle workers in the local executor's order (cells, then evaluations, then trainings).
 The eps cells of one minimum-norm attack on one defense share a single minimal run, cached in the
 worker that made it, so they all go to that worker. A worker that dies (killed, out of memory)
-costs only the job it was running, recorded as failed with the reason; a new worker takes its place.
+costs only the job it was running, recorded as failed with the reason; a new worker takes its place
+(and its GPU: on a node with N GPUs worker i is pinned to ``cuda:i mod N``).
 So does a worker whose cell (or training) runs past its budget plus ``GRACE_SECONDS``: the driver
-kills it, since a job stuck in C code or a GPU kernel never sees ``SIGALRM``.
+kills it, since a job stuck in C code or a GPU kernel never sees ``SIGALRM``. A CUDA error in a job
+(a device-side assert poisons the process's context) ends its worker instead of being stored; a
+fresh worker on the same GPU retries the job, ``MAX_FAULT_RETRIES`` times at most.
 """
 
 from __future__ import annotations
@@ -23,25 +26,28 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from bench.execution.executor import (
     GRACE_SECONDS,
+    MAX_FAULT_RETRIES,
     PRIORITY,
     Executor,
     Job,
     JobFailure,
     Outcome,
+    after_faults,
     driver_limit,
     job_failed,
+    job_key,
     killed_by_driver,
     run_job,
 )
 from bench.execution.jobs import CellJob
-from bench.execution.workbench import failure_reason, minimal_run_key
+from bench.execution.workbench import DeviceFault, failure_reason, minimal_run_key
 from bench.execution.worker import WorkerSettings, workbench_for
 from bench.foundation.errors import RobustMatrixError
 
@@ -50,11 +56,11 @@ MAX_AUTO_WORKERS = 8
 own copy of torch, the data and the models it has loaded."""
 
 
-def auto_workers(device: str) -> int:
-    """One worker per usable CPU core (at most MAX_AUTO_WORKERS); one on a GPU, which the worker's
-    batches keep busy."""
-    if device.startswith("cuda"):
-        return 1
+def auto_workers(devices: Sequence[str]) -> int:
+    """One worker per GPU of ``devices`` (each GPU is kept busy by one worker's batches); on a CPU one
+    per usable core (at most MAX_AUTO_WORKERS)."""
+    if devices and devices[0].startswith("cuda"):
+        return len(devices)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -64,6 +70,8 @@ def auto_workers(device: str) -> int:
 
 STARTED = -1
 """What a worker sends when it takes a job, before its outcome: the driver's budget clock starts."""
+FAULT = -2
+"""What a worker sends instead of an outcome after a device fault, just before it exits."""
 
 
 def _die_with_parent() -> None:
@@ -101,7 +109,12 @@ def serve(connection: Connection, settings: WorkerSettings) -> None:
             connection.send((STARTED, None))
         except (BrokenPipeError, ConnectionError):
             return
-        outcome = run_job(bench, job) if bench is not None else job_failed(job, broken or "")
+        try:
+            outcome = run_job(bench, job) if bench is not None else job_failed(job, broken or "")
+        except DeviceFault as fault:  # this process's CUDA context may be unusable: end it
+            with contextlib.suppress(BrokenPipeError, ConnectionError):
+                connection.send((FAULT, str(fault)))
+            return
         try:
             connection.send((number, outcome))
         except (BrokenPipeError, ConnectionError):
@@ -112,6 +125,8 @@ def serve(connection: Connection, settings: WorkerSettings) -> None:
 class _Worker:
     process: Any
     connection: Connection
+    slot: int = 0
+    """Its place in the pool, which fixes its device: a replacement takes the same slot."""
     running: tuple[int, Job] | None = None
     deadline: float | None = None
     """``time.monotonic()`` past which the driver kills the running job (None: no budget)."""
@@ -133,7 +148,10 @@ class PoolExecutor(Executor):
         workers: int,
         training_timeout: float | None = None,
         grace: float = GRACE_SECONDS,
+        devices: Sequence[str] | None = None,
     ) -> None:
+        """``devices``: worker i runs on ``devices[i % len(devices)]`` (default: ``settings.device``
+        for all), so each GPU of a node gets its own workers."""
         if workers < 1:
             raise RobustMatrixError(f"--workers must be at least 1, got {workers}")
         self.settings = settings
@@ -143,15 +161,22 @@ class PoolExecutor(Executor):
         self._queue: list[tuple[int, int, Job]] = []
         self._order = itertools.count()
         self._pinned: dict[str, int] = {}
+        self._faults: dict[str, int] = {}
+        """Device faults so far per job key."""
         self._size = workers
+        self._devices = tuple(devices) if devices else (settings.device,)
         self._workers: list[_Worker] = []  # started with the first job: a cached run starts none
 
-    def _start(self) -> _Worker:
+    def settings_for(self, slot: int) -> WorkerSettings:
+        """The settings of the worker in ``slot``: the pool's, on that slot's device."""
+        return replace(self.settings, device=self._devices[slot % len(self._devices)])
+
+    def _start(self, slot: int) -> _Worker:
         driver_end, worker_end = self._context.Pipe()
-        process = self._context.Process(target=serve, args=(worker_end, self.settings), daemon=True)
+        process = self._context.Process(target=serve, args=(worker_end, self.settings_for(slot)), daemon=True)
         process.start()
         worker_end.close()
-        return _Worker(process, driver_end)
+        return _Worker(process, driver_end, slot)
 
     # ------------------------------------------------------------------------- the interface
     def submit(self, job: Job) -> None:
@@ -183,6 +208,11 @@ class PoolExecutor(Executor):
                     limit = driver_limit(job, self.training_timeout)
                     worker.deadline = None if limit is None else time.monotonic() + limit + self.grace
                     continue
+                if finished == FAULT:  # the worker is gone; the job runs again, or has failed
+                    failed = self._faulted(worker, job, str(outcome))
+                    if failed is None:
+                        continue
+                    return failed
                 if finished != number:  # pragma: no cover - one job per worker at a time
                     raise RuntimeError(f"worker answered job {finished} while running {number}")
             worker.running, worker.deadline = None, None
@@ -206,7 +236,7 @@ class PoolExecutor(Executor):
     def _dispatch(self) -> None:
         """Give every idle worker the first queued job it may run."""
         if self._queue and not self._workers:
-            self._workers = [self._start() for _ in range(self._size)]
+            self._workers = [self._start(slot) for slot in range(self._size)]
         for index, worker in enumerate(self._workers):
             if worker.running is None and self._queue:
                 job = self._take_for(index)
@@ -244,11 +274,30 @@ class PoolExecutor(Executor):
         worker.process.kill()
         worker.process.join(timeout=5)
         worker.connection.close()
-        replacement = self._start()
+        replacement = self._start(worker.slot)  # same slot, same GPU
         worker.process, worker.connection = replacement.process, replacement.connection
         worker.running, worker.deadline = None, None
         self._dispatch()
         return killed_by_driver(job, driver_limit(job, self.training_timeout) or 0.0, self.grace)
+
+    def _faulted(self, worker: _Worker, job: Job, fault: str) -> Outcome | JobFailure | None:
+        """A device fault in ``job``: the worker exits and a fresh one takes its slot (and GPU); the
+        job is queued again unless it has had ``MAX_FAULT_RETRIES`` retries, then it fails (returned)."""
+        worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join(timeout=5)
+        worker.connection.close()
+        replacement = self._start(worker.slot)
+        worker.process, worker.connection = replacement.process, replacement.connection
+        worker.running, worker.deadline = None, None
+        key = job_key(job)
+        self._faults[key] = self._faults.get(key, 0) + 1
+        failed = after_faults(job, self._faults.pop(key), fault) if self._faults[key] > MAX_FAULT_RETRIES else None
+        if failed is None:
+            self.submit(job)
+        self._dispatch()
+        return failed
 
     def _lost(self, worker: _Worker, job: Job) -> Outcome | JobFailure:
         """The worker died with ``job``: that job fails with the reason, a new worker takes its place."""
@@ -256,6 +305,6 @@ class PoolExecutor(Executor):
         code = worker.process.exitcode
         worker.connection.close()
         reason = f"worker process died (exit code {code})" if code is not None else "worker process stopped answering"
-        replacement = self._start()
+        replacement = self._start(worker.slot)  # same slot, same GPU
         worker.process, worker.connection = replacement.process, replacement.connection
         return job_failed(job, reason)

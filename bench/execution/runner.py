@@ -357,6 +357,7 @@ class Runner:
         self._waiting_cascades: dict[str, tuple[CellJob, set[str]]] = {}
         self.progress.start_cells(0)
         needed = list({job.training_key: job for job in [*self._surrogates.values(), *trainings]}.values())
+        needed.sort(key=lambda job: job.declared_length, reverse=True)  # longest first (stable otherwise)
         for job in shard.rotate(needed) if shard else needed:
             self._start_training(job)
         while self.executor.pending():

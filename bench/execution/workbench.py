@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from bench.execution.probes import observe
 from bench.execution.timebudget import Budget, TimeBudgetExceeded, time_budget
 from bench.foundation.counting import CountingModel, PassCounter
 from bench.foundation.data import Dataset, load_dataset
+from bench.foundation.device import evaluation_precision, prepare_device
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import digest, seed_everything, seed_from, versions
 from bench.foundation.models import architecture_name, build_model
@@ -105,6 +106,7 @@ class Workbench:
     ) -> None:
         self.dataset_name = dataset
         self.device = device
+        prepare_device(device)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.data_dir = data_dir
         self.download = download
@@ -246,30 +248,46 @@ class Workbench:
         loaded = self.load(job.training)
         x, y = self.eval_set(job.n_eval)
         seed_everything(seed_from(job.eval_key))
-        with torch.no_grad():
+        with torch.no_grad(), evaluation_precision(self.device):
             logits = torch.cat([loaded.deployed(x[i : i + 500]) for i in range(0, len(y), 500)])
         _require_finite(logits, f"{job.training.defense_id}'s outputs on clean examples")
         correct = logits.argmax(dim=1) == y
-        observed = observe(loaded.deployed, x, y)
+        with evaluation_precision(self.device):
+            observed = observe(loaded.deployed, x, y)
         return EvaluationRecord(job.eval_key, job.training.training_key, job.n_eval, correct.cpu().numpy(), observed)
 
     # -------------------------------------------------------------------------------- cells
     def run_cell(self, job: CellJob) -> CellRecord:
         """Attack the clean-correct evaluation examples. Whatever goes wrong — an exception, NaN/inf
         in the adversarial examples or the defense's outputs, the cell's time budget running out —
-        becomes a failed record with its reason; the other cells go on."""
+        becomes a failed record with its reason; the other cells go on. Out of memory is the batch's
+        fault: the cell runs again at half the batch (down to ``MIN_ATTACK_BATCH``), and the record
+        says which batch it ran at. A CUDA error is the worker's fault: :class:`DeviceFault`."""
         start = time.perf_counter()
         counter = PassCounter()
+        batch = job.batch_size
         try:
-            with time_budget(job.timeout) as budget:
-                robust, mean_norm = self._attack(job, counter, budget)
+            with time_budget(job.timeout) as budget, evaluation_precision(self.device):
+                while True:
+                    try:
+                        robust, mean_norm = self._attack(replace(job, batch_size=batch), counter, budget)
+                        break
+                    except Exception as exc:
+                        if not is_out_of_memory(exc) or batch // 2 < MIN_ATTACK_BATCH:
+                            raise
+                    batch, counter = batch // 2, PassCounter()  # the passes of the run that produced the result
+                    _free_device_memory(self.device)
             status, error = "ok", None
         except TimeBudgetExceeded as exc:
             robust, mean_norm = None, None
             status, error = "failed", f"timeout: cell {exc}"
         except Exception as exc:  # noqa: BLE001 - recorded with its reason; other cells go on
+            if is_cuda_error(exc):
+                raise DeviceFault(failure_reason(exc)) from exc
             robust, mean_norm = None, None
             status, error = "failed", failure_reason(exc)
+            if is_out_of_memory(exc):
+                error = f"out of memory at attack batch {batch} (the smallest tried): {error}"[:500]
         return cell_record(
             job,
             status,
@@ -279,6 +297,7 @@ class Workbench:
             counter,
             time.perf_counter() - start,
             str(self.device),
+            batch_size=batch,
         )
 
     def _victim(self, job: CellJob, counter: PassCounter) -> tuple[Victim, nn.Module]:
@@ -426,7 +445,11 @@ def cell_record(
     counter: PassCounter,
     wall_time: float,
     device: str,
+    batch_size: int | None = None,
 ) -> CellRecord:
+    """``batch_size``: the attack batch the cell ran at, recorded in its ``versions`` as
+    ``attack_batch_size`` (smaller than the matrix's after an out-of-memory fallback)."""
+    recorded = versions() if batch_size is None else {**versions(), "attack_batch_size": str(batch_size)}
     return CellRecord(
         cell_key=job.cell_key,
         training_key=job.training.training_key,
@@ -450,7 +473,7 @@ def cell_record(
         backwards=counter.backwards,
         wall_time=wall_time,
         device=device,
-        versions=versions(),
+        versions=recorded,
     )
 
 
@@ -468,6 +491,36 @@ def _require_finite(values: torch.Tensor, what: str) -> None:
     broken = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
     if bool(broken.any()):
         raise NonFiniteResult(f"NaN/inf in {what} ({int(broken.sum())} of {len(values)} examples)")
+
+
+MIN_ATTACK_BATCH = 8
+"""The smallest attack batch an out-of-memory fallback tries; below it the cell fails with the reason."""
+
+_CUDA_ERRORS = ("CUDA error", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error")
+
+
+class DeviceFault(RuntimeError):
+    """A CUDA error (a device-side assert, an illegal address) or an out-of-memory outside a cell's
+    fallback: the worker's device is broken or full, not the job — after a device-side assert every
+    later kernel in the process fails. Never stored as a result: the executor restarts the worker
+    and retries the job (``MAX_FAULT_RETRIES`` times) before recording it as failed."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc) and "CUDA" in str(exc)
+    )
+
+
+def is_cuda_error(exc: BaseException) -> bool:
+    """An error of the CUDA runtime or its libraries, which poisons the process's CUDA context."""
+    return isinstance(exc, RuntimeError) and not is_out_of_memory(exc) and any(t in str(exc) for t in _CUDA_ERRORS)
+
+
+def _free_device_memory(device: torch.device) -> None:
+    """Return the failed batch's cached blocks before the smaller one allocates."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def failure_reason(exc: BaseException) -> str:

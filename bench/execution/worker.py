@@ -89,7 +89,8 @@ def workbench_for(settings: WorkerSettings) -> Workbench:
         import torch
 
         torch.set_num_threads(settings.threads)
+        device = torch.device(settings.device)
         cache = Path(settings.checkpoint_cache) if settings.checkpoint_cache else private_cache()
-        bench = Workbench(settings.dataset, torch.device(settings.device), cache, settings.data_dir, settings.download)
+        bench = Workbench(settings.dataset, device, cache, settings.data_dir, settings.download)
         _WORKBENCHES[settings] = bench
     return bench
