@@ -117,6 +117,26 @@ def test_run_retrains_a_swapped_checkpoint_instead_of_evaluating_another_model(t
     assert read_checkpoint(folder / at_file, at_key)[0]["meta"]["training_key"] == at_key
 
 
+def test_run_retrains_over_weights_changed_under_their_own_training_key(tmp_path):
+    """Only the digest the database recorded can tell: the file still says it is that training."""
+    config = write_matrix(tmp_path / "matrix.toml", MATRIX)
+    db = tmp_path / "r.db"
+    assert run_cli("run", "--config", str(config), "--quiet", "--db", str(db)).code == 0
+    expected = snapshot(db)
+    (key, name) = _rows(db, "SELECT training_key, checkpoint FROM trainings WHERE defense_id = 'standard-v1'")[0]
+    path = checkpoint_dir(db) / name
+    payload = torch.load(path, weights_only=True)
+    for tensor in payload["state_dict"].values():
+        tensor.mul_(0.5)  # a different model, same key inside
+    torch.save(payload, path)
+    _execute(db, "DELETE FROM cells WHERE training_key = ?", key)
+    _execute(db, "DELETE FROM evaluations WHERE training_key = ?", key)
+    result = run_cli("run", "--config", str(config), "--quiet", "--db", str(db))
+    assert result.code == 0 and "not the recorded" in result.stderr, result.stderr
+    assert snapshot(db) == expected, "the standard-v1 cells were measured on standard-v1, retrained"
+    assert _sha(path) == _rows(db, "SELECT checkpoint_sha256 FROM trainings WHERE training_key = ?", key)[0][0]
+
+
 def test_a_database_without_the_digest_column_is_upgraded_and_stays_readable(tmp_path):
     db = tmp_path / "old.db"
     connection = sqlite3.connect(db)

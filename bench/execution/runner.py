@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,6 +41,7 @@ from bench.storage.store import (
     checkpoint_dir,
     decode_mask,
     encode_mask,
+    read_checkpoint,
 )
 from defenses.pretrained import register_pretrained
 
@@ -536,11 +538,20 @@ class Runner:
         self._release_waiting(training)
 
     def _checkpoint_ready(self, job: TrainingJob) -> bool:
-        """Trained already: the database knows the training and its checkpoint file exists."""
-        return (
-            self.store.training(job.training_key) is not None
-            and (checkpoint_dir(self.store.path) / job.checkpoint).exists()
-        )
+        """Trained already: the database knows the training and its checkpoint file is that training's
+        (its key inside, and the sha256 the database recorded for it). A file that is not is moved
+        aside with a warning and the defense retrained: never evaluate another model under its key."""
+        row = self.store.training(job.training_key)
+        path = checkpoint_dir(self.store.path) / job.checkpoint
+        if row is None or not path.exists():
+            return False
+        try:
+            read_checkpoint(path, job.training_key, row["checkpoint_sha256"] or None)
+        except RobustMatrixError as exc:
+            path.replace(path.with_name(path.name + ".rejected"))
+            print(f"robustmatrix: warning: {exc}; retraining {job.defense_id}", file=sys.stderr)
+            return False
+        return True
 
     def _failure_reason(self, cell_key: str) -> str:
         row = self.store.connection.execute("SELECT error FROM cells WHERE cell_key = ?", (cell_key,)).fetchone()

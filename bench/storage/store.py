@@ -518,7 +518,17 @@ class Store:
         return cursor.rowcount == 1
 
     def put_training(self, record: TrainingRecord) -> bool:
-        return self._insert("trainings", record_row(record))
+        """Write a training; a retrained one (its checkpoint was rejected) updates the recorded digest,
+        which a non-deterministic device may change, so the file and its row stay one."""
+        row = record_row(record)
+        if self._insert("trainings", row):
+            return True
+        with self._write() as connection:
+            connection.execute(
+                "UPDATE trainings SET checkpoint_sha256 = ? WHERE training_key = ?",
+                (row["checkpoint_sha256"], row["training_key"]),
+            )
+        return False
 
     def put_evaluation(self, record: EvaluationRecord) -> bool:
         return self._insert("evaluations", record_row(record))
