@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 from bench.execution.executor import GRACE_SECONDS, JobFailure
 from bench.execution.jobs import CellJob, TrainingJob
@@ -217,10 +218,10 @@ class Wedged(Attack):
 )
 
 
-def test_a_cell_stuck_beyond_sigalrm_is_killed_by_the_driver(tmp_path):
-    """cell_timeout + grace after a worker took the cell, the driver kills that worker, stores the
-    cell as failed and lets a new worker run the rest."""
-    with components(tmp_path / "mods", WEDGED):
+def run_wedged_matrix(tmp_path: Path, modules: Path, *executor: str) -> None:
+    """Run a matrix with the wedged attack (cell_timeout 1 s) on ``executor``; assert the driver ended
+    it within the time a kill allows and stored exactly its cells as failed, the others ok."""
+    with components(modules, WEDGED):
         config = write_matrix(
             tmp_path / "matrix.toml",
             TINY_MATRIX.replace('"fgsm-linf-v1", "pgd-linf-v1"', '"fgsm-linf-v1", "wedged-linf-v1"')
@@ -229,18 +230,26 @@ def test_a_cell_stuck_beyond_sigalrm_is_killed_by_the_driver(tmp_path):
         )
         db = tmp_path / "r.db"
         started = time.monotonic()
-        result = run_cli("run", "--config", str(config), "--quiet", "--workers", "2", "--db", str(db))
+        result = run_cli("run", "--config", str(config), "--quiet", *executor, "--db", str(db))
         elapsed = time.monotonic() - started
     assert result.code == 1, result.stderr
-    assert elapsed < 40, "the driver waited for the stuck attack instead of killing it"
-    cells = sqlite3.connect(db).execute("SELECT attack_id, status, error FROM cells ORDER BY attack_id, eps")
+    assert elapsed < 40, "the driver waited for the stuck attack instead of ending it"
+    connection = sqlite3.connect(db)
+    cells = connection.execute("SELECT attack_id, status, error FROM cells ORDER BY attack_id, eps").fetchall()
+    connection.close()
     reason = f"timeout: cell ran past its time budget of 1 s and {GRACE_SECONDS:g} s of grace; killed by the driver"
-    assert cells.fetchall() == [
+    assert cells == [
         ("fgsm-linf-v1", "ok", None),
         ("fgsm-linf-v1", "ok", None),
         ("wedged-linf-v1", "failed", reason),
         ("wedged-linf-v1", "failed", reason),
     ]
+
+
+def test_a_cell_stuck_beyond_sigalrm_is_killed_by_the_driver(tmp_path):
+    """cell_timeout + grace after a worker took the cell, the driver kills that worker, stores the
+    cell as failed and lets a new worker run the rest."""
+    run_wedged_matrix(tmp_path, tmp_path / "mods", "--workers", "2")
 
 
 def test_a_training_past_its_timeout_is_killed_by_the_driver(tmp_path):

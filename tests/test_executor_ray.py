@@ -280,31 +280,6 @@ def test_a_cached_checkpoint_is_reused_only_when_its_digest_matches(tmp_path):
 def test_a_cell_stuck_beyond_sigalrm_is_cancelled_by_the_ray_driver(local_ray, user_modules, tmp_path):
     """A task blocked where its own SIGALRM cannot reach it is force-cancelled by the driver once it
     has *run* (not waited in Ray's queue) for cell_timeout + grace, and stored as failed."""
-    import time
+    from tests.test_executor_pool import run_wedged_matrix
 
-    from bench.execution.executor import GRACE_SECONDS
-    from tests.test_executor_pool import WEDGED
-
-    with components(user_modules, WEDGED):
-        config = write_matrix(
-            tmp_path / "matrix.toml",
-            TINY_MATRIX.replace('"fgsm-linf-v1", "pgd-linf-v1"', '"fgsm-linf-v1", "wedged-linf-v1"')
-            .replace('"standard-v1", "pgd-at-linf-v1"', '"standard-v1"')
-            .replace("n_eval = 60", "n_eval = 60\ncell_timeout = 1"),
-        )
-        db = tmp_path / "r.db"
-        started = time.monotonic()
-        result = run_cli("run", "--config", str(config), "--quiet", "--executor", "ray", "--db", str(db))
-        elapsed = time.monotonic() - started
-    assert result.code == 1, result.stderr
-    assert elapsed < 40, "the driver waited for the stuck attack instead of cancelling it"
-    connection = sqlite3.connect(db)
-    cells = connection.execute("SELECT attack_id, status, error FROM cells ORDER BY attack_id, eps").fetchall()
-    connection.close()
-    reason = f"timeout: cell ran past its time budget of 1 s and {GRACE_SECONDS:g} s of grace; killed by the driver"
-    assert cells == [
-        ("fgsm-linf-v1", "ok", None),
-        ("fgsm-linf-v1", "ok", None),
-        ("wedged-linf-v1", "failed", reason),
-        ("wedged-linf-v1", "failed", reason),
-    ]
+    run_wedged_matrix(tmp_path, user_modules, "--executor", "ray")
