@@ -95,19 +95,31 @@ class APGD(Attack):
         return lambda logits, labels, positions: plain(logits, labels)
 
     def generate(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._all_runs(victim, x, y)[0]
+
+    def _all_runs(
+        self, victim: Victim, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every run in turn on the examples still robust: (points, fooled, each example's highest
+        loss over its runs, the run that reached it)."""
         best = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        closest = torch.full((len(x),), -math.inf, device=x.device, dtype=x.dtype)
+        closest_run = torch.zeros(len(x), dtype=torch.long, device=x.device)
         for run in range(self.runs()):
             todo = (~fooled).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
             loss = self.loss_for(victim, x, y, run)
-            found_x, found = self._one_run(
+            found_x, found, reached = self._one_run(
                 victim, x[todo], y[todo], lambda lg, lb, pos, loss=loss, todo=todo: loss(lg, lb, todo[pos])
             )
             best[todo] = found_x
             fooled[todo] = found
-        return best
+            nearer = reached > closest[todo]
+            closest[todo[nearer]] = reached[nearer]
+            closest_run[todo[nearer]] = run
+        return best, fooled, closest, closest_run
 
     def _step(self, x: torch.Tensor, point: torch.Tensor, grad: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
         size = eta.view(-1, *([1] * (x.dim() - 1)))
@@ -115,11 +127,13 @@ class APGD(Attack):
 
     def _one_run(
         self, victim: Victim, x: torch.Tensor, y: torch.Tensor, loss: Loss
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One run from a random start: (points, fooled, best loss reached; +inf where fooled)."""
         model = victim.differentiable(self.bpda)
         n = len(x)
         result = x.clone()
         fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+        reached = torch.full((n,), math.inf, device=x.device, dtype=x.dtype)
         # State of the examples still running, indexed by `alive` (positions in this batch).
         alive = torch.arange(n, device=x.device)
         current = random_start(x, self.norm, self.eps, on_sphere=True)  # Croce & Hein start at radius eps
@@ -153,7 +167,7 @@ class APGD(Attack):
                 last_loss, increases = last_loss[keep], increases[keep]
                 checkpoint_best, reduced_since = checkpoint_best[keep], reduced_since[keep]
                 if len(alive) == 0:
-                    return result, fooled
+                    return result, fooled, reached
                 x_run, y_run = x[alive], y[alive]
             increases += (values > last_loss).float()
             last_loss = values
@@ -178,7 +192,8 @@ class APGD(Attack):
         wrong = predict(victim.model, current) != y_run
         result[alive] = torch.where(wrong.view(-1, *([1] * (x.dim() - 1))), current, best_point)
         fooled[alive] = wrong
-        return result, fooled
+        reached[alive] = torch.where(wrong, math.inf, best_loss)
+        return result, fooled, reached
 
 
 for _norm in ("linf", "l2"):
