@@ -66,7 +66,7 @@ but few of its declared queries). Measured on this repository's digits matrix on
 (docs/operations.md, "The cost plan"); an unknown family is taken at its bound (1)."""
 
 PROBE_EXAMPLES_TRAINING = 4
-CALIBRATION_SECONDS = 0.4
+CALIBRATION_SECONDS = 1.0
 """Wall time each timed pass kind gets in the calibration (a few per architecture)."""
 
 
@@ -279,7 +279,7 @@ def training_passes(
 # ----------------------------------------------------------------------------------- calibration
 
 
-def _timed(step: Callable[[], None], seconds: float, blocks: int = 8) -> float:
+def _timed(step: Callable[[], None], seconds: float, blocks: int = 16) -> float:
     """Seconds per call of ``step``: the fastest of ``blocks`` timed blocks of about ``seconds /
     blocks`` each, after one warm-up call. The fastest, because other processes on a shared machine
     only ever slow a block down: it is the device's own speed, which an unloaded run gets."""

@@ -28,7 +28,9 @@ else:  # pragma: no cover
 
 from bench.foundation.errors import RobustMatrixError
 
-PRESETS = ("default", "quick")
+PRESETS = ("default", "quick", "mnist", "cifar10")
+"""Built-in matrices, ``bench/matrices/NAME.toml``: digits (default, quick) and the published
+MNIST and CIFAR-10 budgets."""
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -338,16 +340,19 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def preset(name: str = "default") -> MatrixSpec:
-    """A built-in matrix (``default`` or ``quick``)."""
+    """A built-in matrix by name (one of ``PRESETS``)."""
     if name not in PRESETS:
         raise RobustMatrixError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
     text = resources.files("bench").joinpath(f"matrices/{name}.toml").read_text()
     return spec_from_mapping(_parse_toml(text, f"preset {name}"), f"preset {name}")
 
 
-def load_spec(path: str | Path | None = None, *, quick: bool = False) -> MatrixSpec:
-    """The matrix to run: a preset, with the user's TOML file (if any) laid over it."""
-    base = preset("quick" if quick else "default")
+def load_spec(path: str | Path | None = None, *, quick: bool = False, preset_name: str | None = None) -> MatrixSpec:
+    """The matrix to run: a preset (``preset_name``; ``quick`` is the quick one; default: the
+    default one), with the user's TOML file (if any) laid over it."""
+    if quick and preset_name not in (None, "quick"):
+        raise RobustMatrixError(f"--quick is the quick preset: drop it or --preset {preset_name}")
+    base = preset("quick" if quick else preset_name or "default")
     if path is None:
         return base
     path = Path(path)
