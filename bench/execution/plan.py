@@ -193,7 +193,7 @@ class MatrixPlan:
 # ------------------------------------------------------------------------------------ data shape
 
 
-class _DeclaredData:
+class DeclaredData:
     """Stands in for a dataset whose files are absent: its declared sizes, no fingerprint (the plan
     then cannot look results up in a database, and says so)."""
 
@@ -399,7 +399,7 @@ def plan_matrix(
         data: Any = load_dataset(spec.dataset, data_dir or spec.data_dir, download=False)
         loaded = True
     except RobustMatrixError:
-        data, loaded = _DeclaredData(spec.dataset, shape), False
+        data, loaded = DeclaredData(spec.dataset, shape), False
         assumptions.append(f"{spec.dataset}'s files are not here: sizes as declared, the database not consulted")
     runner = Runner(spec, data, None)
     if environment is not None:

@@ -206,7 +206,8 @@ class Workbench:
 
         ctx = TrainContext(self.device, seed_from(job.training_key), counter, on_epoch)
         start = time.perf_counter()
-        defense.fit(model, train_data, ctx)
+        with training_precision(self.device, job.precision):
+            defense.fit(model, train_data, ctx)
         meta = {
             "epochs": epochs_done[0] or int(job.kwargs.get("epochs", 0)),
             "wall_time": time.perf_counter() - start,
@@ -410,6 +411,16 @@ class Workbench:
         if mean_norm is not None and not math.isfinite(mean_norm):
             raise NonFiniteResult(f"mean perturbation is {mean_norm}")
         return robust.cpu().numpy(), mean_norm
+
+
+def training_precision(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for a ``bf16`` training (weights, their updates and the checkpoint stay
+    fp32); nothing for ``fp32``. Only trainings: cells and evaluations always run in fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise RobustMatrixError(f"unknown training precision {precision!r}")
 
 
 def _declared_forwards(job: CellJob) -> int | None:

@@ -32,6 +32,8 @@ PRESETS = ("default", "quick", "mnist", "cifar10")
 """Built-in matrices, ``bench/matrices/NAME.toml``: digits (default, quick) and the published
 MNIST and CIFAR-10 budgets."""
 
+TRAINING_PRECISIONS = ("fp32", "bf16")
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -99,6 +101,10 @@ class MatrixSpec:
     download: bool = True
     cell_timeout: float | None = None
     training_timeout: float | None = None
+    training_precision: str = "fp32"
+    """``bf16``: every training runs under bfloat16 autocast (faster on GPUs with bf16 units; its
+    keys differ from fp32's). Attacks and evaluations always run in fp32: low-precision gradients
+    can mask robustness (an attack that fails from rounding reports robustness that is not there)."""
     """Seconds a training may run before the driver of a worker pool or Ray kills it (None: no limit)."""
     pretrained: Mapping[str, PretrainedSpec] = field(default_factory=dict)
     """Defenses trained elsewhere, by id: evaluated with the others, never trained."""
@@ -236,6 +242,12 @@ def spec_from_mapping(
             if not _number(value) or value <= 0:
                 raise _fail(source, f"'{key}' must be a positive number of seconds, got {value!r}")
             values[key] = float(value)
+        elif key == "training_precision":
+            if value not in TRAINING_PRECISIONS:
+                raise _fail(
+                    source, f"'training_precision' must be one of {', '.join(TRAINING_PRECISIONS)}, got {value!r}"
+                )
+            values[key] = value
         elif key == "pretrained":
             if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
                 raise _fail(source, "'pretrained' must be a table of tables, like [pretrained.\"my-model-v1\"]")
