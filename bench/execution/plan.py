@@ -10,8 +10,8 @@ attacks: the clean-correct ones from the stored evaluation, else ``ASSUMED_CLEAN
 ``n_eval``; the cascade attacks only what its members left robust, ``ASSUMED_SURVIVORS`` of them.
 A minimum-norm attack runs once per defense for all its eps cells (each cell records the shared
 run's passes; the plan counts them once). Early-stopping attacks stop before their bound on broken
-examples, so cell passes are an upper bound; the time estimate corrects for that with
-``BOUND_USED`` (measured on the default matrix, see docs/operations.md).
+examples, so cell passes are an upper bound; the time estimate corrects for that, per attack
+family, with ``BOUND_USED`` (measured on the default matrix, see docs/operations.md).
 """
 
 from __future__ import annotations
@@ -51,19 +51,21 @@ cascade's norm and eps: the cascade's stages attack only those. The default matr
 worst cases are 0.18-0.39 of ``n_eval``, higher at small eps."""
 
 BOUND_USED: Mapping[str, float] = {
-    "gradient": 0.5,
-    "adaptive": 0.5,
-    "transfer": 0.55,
-    "score-based": 0.25,
-    "noise": 0.35,
-    "decision-based": 1.0,
-    "cascade": 0.35,
+    "gradient": 0.75,
+    "adaptive": 0.75,
+    "transfer": 0.8,
+    "score-based": 0.7,
+    "noise": 1.05,
+    "decision-based": 3.3,
+    "cascade": 0.75,
 }
-"""Seconds a cell takes over what its declared pass bound would take at the calibrated throughput,
-per attack family: below 1 where attacks stop early on broken examples (Square's queries, PGD's
-early stop, the noise draws), about 1 for HopSkipJump (ART, slower per pass than native attacks,
-but few of its declared queries). Measured on this repository's digits matrix on a CPU
-(docs/operations.md, "The cost plan"); an unknown family is taken at its bound (1)."""
+"""A cell's seconds over what its declared pass bound would take at the calibrated throughput, per
+attack family. Two effects meet in it: attacks stop early on broken examples (fewer passes than the
+bound), and a real attack's pass costs more than a calibration's (projections, losses, shrinking
+batches, the per-batch checks; ART's numpy for HopSkipJump, hence decision-based's 3.3). Their
+ratios were measured on 279 cells of the digits matrix (3 defenses), their scale fitted so the
+default matrix's plan matches its measured cold run (650 s on 2 workers): docs/operations.md, "The
+cost plan". An unknown family is taken at 1."""
 
 PROBE_EXAMPLES_TRAINING = 4
 CALIBRATION_SECONDS = 1.0
@@ -279,18 +281,20 @@ def training_passes(
 # ----------------------------------------------------------------------------------- calibration
 
 
-def _timed(step: Callable[[], None], seconds: float, blocks: int = 16) -> float:
-    """Seconds per call of ``step``: the fastest of ``blocks`` timed blocks of about ``seconds /
-    blocks`` each, after one warm-up call. The fastest, because other processes on a shared machine
-    only ever slow a block down: it is the device's own speed, which an unloaded run gets."""
+def _timed(
+    step: Callable[[], None], seconds: float, blocks: int = 16, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Seconds per call of ``step`` by ``clock``: the fastest of ``blocks`` timed blocks of about
+    ``seconds / blocks`` each, after one warm-up call. The fastest, because other work on the device
+    only ever slows a block down: it is the device's own speed, which an unloaded run gets."""
     step()
     best = math.inf
     for _ in range(blocks):
-        calls, start = 0, time.perf_counter()
+        calls, start = 0, clock()
         while True:
             step()
             calls += 1
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if elapsed >= seconds / blocks or calls >= 100:
                 break
         best = min(best, elapsed / calls)
@@ -312,6 +316,9 @@ def measure_throughput(
     already reached), with ``threads`` torch threads as each job gets."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    # On the CPU the process's own CPU time: other processes sharing the cores (a busy machine) then
+    # do not lower the measured speed. A GPU works asynchronously: wall time, synchronised.
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     try:
         model = model.to(device)
 
@@ -319,7 +326,7 @@ def measure_throughput(
             trial = torch.rand((min(8, wanted), *image_shape), device=device)
             model.eval()
             with torch.no_grad():
-                per = _timed(lambda: model(trial), 0.05) / len(trial)
+                per = _timed(lambda: model(trial), 0.05, clock=clock) / len(trial)
             return max(1, min(wanted, int(0.1 / max(per, 1e-9))))
 
         def inputs(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,8 +352,8 @@ def measure_throughput(
             torch.autograd.grad(F.cross_entropy(model(inp), y, reduction="sum"), inp)
             sync()
 
-        forward_rate = a / _timed(forward, seconds)
-        gradient_rate = a / _timed(gradient, seconds)
+        forward_rate = a / _timed(forward, seconds, clock=clock)
+        gradient_rate = a / _timed(gradient, seconds, clock=clock)
         t = batch_for(training_batch)
         xt, yt = inputs(t)
         for parameter in model.parameters():
@@ -360,7 +367,7 @@ def measure_throughput(
             optimizer.step()
             sync()
 
-        training_rate = t / _timed(training, seconds)
+        training_rate = t / _timed(training, seconds, clock=clock)
     finally:
         torch.set_num_threads(previous)
     where = f"{device.type}, {threads} thread{'s' if threads > 1 else ''}"
@@ -482,6 +489,8 @@ def _plan(
             f"defenses without a stored evaluation: {ASSUMED_CLEAN_ACCURACY:.0%} of n_eval clean-correct, "
             "adaptive attacks paired by declared nature (a non-differentiable one observed with vanishing gradients)"
         )
+    if spec.training_precision != "fp32":
+        assumptions.append(f"training throughput measured in fp32, not {spec.training_precision}")
     assumptions.append(
         f"the cascade's stages attack {ASSUMED_SURVIVORS:.0%} of the clean-correct examples "
         "(what its members left robust)"

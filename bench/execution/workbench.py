@@ -116,6 +116,7 @@ class Workbench:
         self._data: Dataset | None = None
         self._loaded: OrderedDict[str, LoadedDefense] = OrderedDict()
         self._minimal_runs: OrderedDict[str, tuple[torch.Tensor, int, int]] = OrderedDict()
+        self._eval_sets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._digests: dict[str, str] = {}
         """training key -> sha256 of the checkpoint this workbench wrote or first verified: a file
         changed under it afterwards is not the model it measured."""
@@ -128,8 +129,12 @@ class Workbench:
         return self._data
 
     def eval_set(self, n_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.data.eval_indices(n_eval)
-        return self.data.x_test[index].to(self.device), self.data.y_test[index].to(self.device)
+        """The evaluation examples on the device, copied there once per ``n_eval`` (every cell of a
+        worker reads them; callers index them, never write them)."""
+        if n_eval not in self._eval_sets:
+            index = self.data.eval_indices(n_eval)
+            self._eval_sets[n_eval] = (self.data.x_test[index].to(self.device), self.data.y_test[index].to(self.device))
+        return self._eval_sets[n_eval]
 
     def _fresh_model(self, defense: Defense) -> nn.Module:
         data = self.data
@@ -249,7 +254,8 @@ class Workbench:
         loaded = self.load(job.training)
         x, y = self.eval_set(job.n_eval)
         seed_everything(seed_from(job.eval_key))
-        with torch.no_grad(), evaluation_precision(self.device):
+        # Inference mode (no autograd bookkeeping at all) for the clean pass only: attacks need graphs.
+        with torch.inference_mode(), evaluation_precision(self.device):
             logits = torch.cat([loaded.deployed(x[i : i + 500]) for i in range(0, len(y), 500)])
         _require_finite(logits, f"{job.training.defense_id}'s outputs on clean examples")
         correct = logits.argmax(dim=1) == y
