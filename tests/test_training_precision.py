@@ -79,3 +79,16 @@ def test_a_bf16_training_runs_on_the_cpu(digits, tmp_path):
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state.values())
         weights[precision] = state
     assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])
+
+
+def test_evaluation_examples_go_to_the_device_once_per_n_eval(digits, tmp_path, monkeypatch):
+    """Every cell of a worker reads the evaluation examples: copied once per n_eval, not per call."""
+    bench = Workbench("digits", torch.device("cpu"), tmp_path)
+    bench._data = digits
+    calls = []
+    original = type(digits).eval_indices
+    monkeypatch.setattr(type(digits), "eval_indices", lambda self, n: calls.append(n) or original(self, n))
+    first = bench.eval_set(30)
+    assert bench.eval_set(30) is first and calls == [30]
+    x, y = bench.eval_set(40)
+    assert calls == [30, 40] and len(y) == 40 and torch.equal(x[:30], first[0])
