@@ -56,4 +56,5 @@ def test_plan_estimate_against_a_measured_run(benchmark, tmp_path):
     benchmark.extra_info.update(
         cpu_seconds=measured["seconds"], wall_seconds=measured["wall"], estimated_seconds=estimate
     )
+    print(f"plan estimate {estimate:.0f} s; run: {measured['seconds']:.0f} CPU s, {measured['wall']:.0f} s wall")
     assert measured["seconds"] / TOLERANCE <= estimate <= measured["seconds"] * TOLERANCE, (estimate, measured)
