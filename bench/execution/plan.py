@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -570,7 +570,3 @@ def _cell_plans(
             )
         )
     return plans
-
-
-def with_workers(plan: MatrixPlan, workers: int) -> MatrixPlan:
-    return replace(plan, workers=workers)
