@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from bench.foundation.config import PRESETS
 from bench.foundation.errors import RobustMatrixError
 
 EXIT_OK, EXIT_FAILED_CELLS, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -56,6 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the missing cells of the matrix, then write the leaderboard")
     run.add_argument("--config", type=Path, help="matrix spec (TOML); default: the built-in matrix")
     run.add_argument("--quick", action="store_true", help="the quick preset: fewer examples, epochs and eps")
+    run.add_argument("--preset", choices=PRESETS, help="a built-in matrix (default: default; mnist, cifar10)")
     run.add_argument("--db", type=Path, help="results database (default: results/robustmatrix.db)")
     run.add_argument("--out", type=Path, help="leaderboard folder (default: results/)")
     run.add_argument("--device", default=_default_device(), help=DEVICE_HELP)
@@ -67,6 +69,25 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_execution_arguments(run)
     run.add_argument("--shard", metavar="I/N", help="run only slice I of N of the cells (for Slurm array jobs)")
 
+    plan = sub.add_parser("plan", help="the matrix's jobs, passes and estimated time, before anything runs")
+    plan.add_argument("--config", type=Path, help="matrix spec (TOML); default: the built-in matrix")
+    plan.add_argument("--quick", action="store_true", help="the quick preset")
+    plan.add_argument("--preset", choices=PRESETS, help="a built-in matrix (default: default; mnist, cifar10)")
+    plan.add_argument("--db", type=Path, help="results database to look cached results up in (default: run's)")
+    plan.add_argument("--device", default=_default_device(), help=DEVICE_HELP)
+    plan.add_argument("--workers", help="worker processes the run would have (default: auto, as run)")
+    plan.add_argument("--cpus-per-task", type=int, default=1, help="torch threads per job (calibrated with them)")
+    plan.add_argument("--data-dir", help="where dataset files are (never downloaded by plan)")
+    plan.add_argument(
+        "--throughput",
+        type=float,
+        help="example-passes per second to assume instead of measuring (a forward or a backward is one)",
+    )
+    plan.add_argument(
+        "--cold", action="store_true", help="cost everything, as a fresh run would, whatever the database holds"
+    )
+    plan.add_argument("--summary", action="store_true", help="trainings and totals only, no per-cell table")
+
     merge = sub.add_parser("merge", help="combine databases (e.g. of shards) into one, idempotently")
     merge.add_argument("sources", nargs="+", type=Path, metavar="DB", help="databases to merge")
     merge.add_argument("--into", type=Path, required=True, help="the combined database (created if missing)")
@@ -74,6 +95,7 @@ def _build_parser() -> argparse.ArgumentParser:
     nightly = sub.add_parser("nightly", help="run the matrix and report what changed since the last nightly run")
     nightly.add_argument("--config", type=Path, help="matrix spec (TOML); default: the built-in matrix")
     nightly.add_argument("--quick", action="store_true", help="the quick preset")
+    nightly.add_argument("--preset", choices=PRESETS, help="a built-in matrix (default: default)")
     nightly.add_argument("--db", type=Path, default=DEFAULT_RESULTS / "robustmatrix.db", help="results database")
     nightly.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "nightly", help="report folder")
     nightly.add_argument("--device", default=_default_device(), help=DEVICE_HELP)
@@ -316,10 +338,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from bench.execution.shard import Shard
     from bench.foundation.config import load_spec
 
-    default_root = DEFAULT_RESULTS / "quick" if args.quick else DEFAULT_RESULTS
+    default_root = _results_root(args)
     db_path = args.db or default_root / "robustmatrix.db"
     out_dir = args.out or default_root
-    spec = load_spec(args.config, quick=args.quick)
+    spec = load_spec(args.config, quick=args.quick, preset_name=args.preset)
     _check_database_path(db_path)
     _check_folder(out_dir, "--out")
     if args.defense and args.config is None:
@@ -358,6 +380,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _results_root(args: argparse.Namespace) -> Path:
+    """Where a preset's results go by default: results/, or results/NAME/ for another preset."""
+    name = "quick" if args.quick else args.preset or "default"
+    return DEFAULT_RESULTS if name == "default" else DEFAULT_RESULTS / name
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from bench.commands.plan import render, run_plan
+    from bench.foundation.config import load_spec
+
+    spec = load_spec(args.config, quick=args.quick, preset_name=args.preset)
+    if args.cpus_per_task < 1:
+        raise RobustMatrixError(f"--cpus-per-task must be at least 1, got {args.cpus_per_task}")
+    db_path = args.db or _results_root(args) / "robustmatrix.db"
+    if db_path.is_dir():
+        raise RobustMatrixError(f"--db {db_path} is a directory; give a database file")
+    plan = run_plan(
+        spec,
+        device_name=args.device,
+        workers=_workers(args.workers, "local"),
+        db_path=db_path if db_path.exists() else None,
+        data_dir=args.data_dir,
+        throughput=args.throughput,
+        threads=args.cpus_per_task,
+        cold=args.cold,
+    )
+    print(render(plan, cells=not args.summary))
+    return EXIT_OK
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from bench.storage.merge import merge_databases
 
@@ -380,7 +432,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 
     if not args.max_slowdown > 1:
         raise RobustMatrixError(f"--max-slowdown must be greater than 1, got {args.max_slowdown}")
-    spec = load_spec(args.config, quick=args.quick)
+    spec = load_spec(args.config, quick=args.quick, preset_name=args.preset)
     _check_database_path(args.db)
     _check_folder(args.out, "--out")
     require_previous(args.db, args.baseline)
@@ -467,6 +519,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
 COMMANDS = {
     "list": _cmd_list,
     "run": _cmd_run,
+    "plan": _cmd_plan,
     "check": _cmd_check,
     "new-defense": _cmd_new_defense,
     "merge": _cmd_merge,

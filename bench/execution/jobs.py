@@ -20,6 +20,8 @@ class TrainingJob:
     dataset: str
     seed: int
     checkpoint: str  # file name inside the checkpoint directory
+    precision: str = "fp32"
+    """``bf16``: trained under bfloat16 autocast (the matrix's ``training_precision``; keyed)."""
 
     @property
     def declared_length(self) -> int:

@@ -205,22 +205,26 @@ class Runner:
     def training_job(self, defense: DefenseSpec, seed: int) -> TrainingJob:
         kwargs = defense.resolve_kwargs(self.spec.dataset, _overrides(self.spec.defense_kwargs, defense))
         defense.threat_models(kwargs)  # validates the declared trained-against eps
-        key = digest(
-            {
-                "defense": defense.id,
-                "version": defense.code_version(),
-                "kwargs": kwargs,
-                "dataset": self.spec.dataset,
-                "data": self.fingerprint,
-                "seed": seed,
-                "architecture": architecture_name(self.spec.dataset),
-                "models": self._models_version,
-                "libraries": self._libraries,
-                "environment": self.environment,
-                "harness": RESULTS_VERSION,
-            }
+        payload = {
+            "defense": defense.id,
+            "version": defense.code_version(),
+            "kwargs": kwargs,
+            "dataset": self.spec.dataset,
+            "data": self.fingerprint,
+            "seed": seed,
+            "architecture": architecture_name(self.spec.dataset),
+            "models": self._models_version,
+            "libraries": self._libraries,
+            "environment": self.environment,
+            "harness": RESULTS_VERSION,
+        }
+        precision = self.spec.training_precision
+        if precision != "fp32":  # keyed only when set: fp32 keys stay those of every earlier run
+            payload["precision"] = precision
+        key = digest(payload)
+        return TrainingJob(
+            key, defense.id, kwargs, self.spec.dataset, seed, f"{defense.id}-{key[:16]}.pt", precision=precision
         )
-        return TrainingJob(key, defense.id, kwargs, self.spec.dataset, seed, f"{defense.id}-{key[:16]}.pt")
 
     def evaluation_job(self, training: TrainingJob) -> EvaluationJob:
         return EvaluationJob(

@@ -116,6 +116,7 @@ class Workbench:
         self._data: Dataset | None = None
         self._loaded: OrderedDict[str, LoadedDefense] = OrderedDict()
         self._minimal_runs: OrderedDict[str, tuple[torch.Tensor, int, int]] = OrderedDict()
+        self._eval_sets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._digests: dict[str, str] = {}
         """training key -> sha256 of the checkpoint this workbench wrote or first verified: a file
         changed under it afterwards is not the model it measured."""
@@ -128,8 +129,12 @@ class Workbench:
         return self._data
 
     def eval_set(self, n_eval: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.data.eval_indices(n_eval)
-        return self.data.x_test[index].to(self.device), self.data.y_test[index].to(self.device)
+        """The evaluation examples on the device, copied there once per ``n_eval`` (every cell of a
+        worker reads them; callers index them, never write them)."""
+        if n_eval not in self._eval_sets:
+            index = self.data.eval_indices(n_eval)
+            self._eval_sets[n_eval] = (self.data.x_test[index].to(self.device), self.data.y_test[index].to(self.device))
+        return self._eval_sets[n_eval]
 
     def _fresh_model(self, defense: Defense) -> nn.Module:
         data = self.data
@@ -206,7 +211,8 @@ class Workbench:
 
         ctx = TrainContext(self.device, seed_from(job.training_key), counter, on_epoch)
         start = time.perf_counter()
-        defense.fit(model, train_data, ctx)
+        with training_precision(self.device, job.precision):
+            defense.fit(model, train_data, ctx)
         meta = {
             "epochs": epochs_done[0] or int(job.kwargs.get("epochs", 0)),
             "wall_time": time.perf_counter() - start,
@@ -248,7 +254,8 @@ class Workbench:
         loaded = self.load(job.training)
         x, y = self.eval_set(job.n_eval)
         seed_everything(seed_from(job.eval_key))
-        with torch.no_grad(), evaluation_precision(self.device):
+        # Inference mode (no autograd bookkeeping at all) for the clean pass only: attacks need graphs.
+        with torch.inference_mode(), evaluation_precision(self.device):
             logits = torch.cat([loaded.deployed(x[i : i + 500]) for i in range(0, len(y), 500)])
         _require_finite(logits, f"{job.training.defense_id}'s outputs on clean examples")
         correct = logits.argmax(dim=1) == y
@@ -410,6 +417,16 @@ class Workbench:
         if mean_norm is not None and not math.isfinite(mean_norm):
             raise NonFiniteResult(f"mean perturbation is {mean_norm}")
         return robust.cpu().numpy(), mean_norm
+
+
+def training_precision(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for a ``bf16`` training (weights, their updates and the checkpoint stay
+    fp32); nothing for ``fp32``. Only trainings: cells and evaluations always run in fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise RobustMatrixError(f"unknown training precision {precision!r}")
 
 
 def _declared_forwards(job: CellJob) -> int | None:

@@ -28,7 +28,11 @@ else:  # pragma: no cover
 
 from bench.foundation.errors import RobustMatrixError
 
-PRESETS = ("default", "quick")
+PRESETS = ("default", "quick", "mnist", "cifar10")
+"""Built-in matrices, ``bench/matrices/NAME.toml``: digits (default, quick) and the published
+MNIST and CIFAR-10 budgets."""
+
+TRAINING_PRECISIONS = ("fp32", "bf16")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -97,6 +101,10 @@ class MatrixSpec:
     download: bool = True
     cell_timeout: float | None = None
     training_timeout: float | None = None
+    training_precision: str = "fp32"
+    """``bf16``: every training runs under bfloat16 autocast (faster on GPUs with bf16 units; its
+    keys differ from fp32's). Attacks and evaluations always run in fp32: low-precision gradients
+    can mask robustness (an attack that fails from rounding reports robustness that is not there)."""
     """Seconds a training may run before the driver of a worker pool or Ray kills it (None: no limit)."""
     pretrained: Mapping[str, PretrainedSpec] = field(default_factory=dict)
     """Defenses trained elsewhere, by id: evaluated with the others, never trained."""
@@ -234,6 +242,12 @@ def spec_from_mapping(
             if not _number(value) or value <= 0:
                 raise _fail(source, f"'{key}' must be a positive number of seconds, got {value!r}")
             values[key] = float(value)
+        elif key == "training_precision":
+            if value not in TRAINING_PRECISIONS:
+                raise _fail(
+                    source, f"'training_precision' must be one of {', '.join(TRAINING_PRECISIONS)}, got {value!r}"
+                )
+            values[key] = value
         elif key == "pretrained":
             if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
                 raise _fail(source, "'pretrained' must be a table of tables, like [pretrained.\"my-model-v1\"]")
@@ -338,16 +352,19 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def preset(name: str = "default") -> MatrixSpec:
-    """A built-in matrix (``default`` or ``quick``)."""
+    """A built-in matrix by name (one of ``PRESETS``)."""
     if name not in PRESETS:
         raise RobustMatrixError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
     text = resources.files("bench").joinpath(f"matrices/{name}.toml").read_text()
     return spec_from_mapping(_parse_toml(text, f"preset {name}"), f"preset {name}")
 
 
-def load_spec(path: str | Path | None = None, *, quick: bool = False) -> MatrixSpec:
-    """The matrix to run: a preset, with the user's TOML file (if any) laid over it."""
-    base = preset("quick" if quick else "default")
+def load_spec(path: str | Path | None = None, *, quick: bool = False, preset_name: str | None = None) -> MatrixSpec:
+    """The matrix to run: a preset (``preset_name``; ``quick`` is the quick one; default: the
+    default one), with the user's TOML file (if any) laid over it."""
+    if quick and preset_name not in (None, "quick"):
+        raise RobustMatrixError(f"--quick is the quick preset: drop it or --preset {preset_name}")
+    base = preset("quick" if quick else preset_name or "default")
     if path is None:
         return base
     path = Path(path)

@@ -371,6 +371,26 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+@dataclass(frozen=True)
+class DatasetShape:
+    """What a dataset's split looks like, known without its files: ``robustmatrix plan`` costs a
+    matrix before anything is downloaded (a test checks it against the loaded digits and MNIST)."""
+
+    train: int
+    test: int
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+
+DATASET_SHAPES: dict[str, DatasetShape] = {
+    "digits": DatasetShape(1347, 450, (1, 8, 8), 10),
+    "mnist": DatasetShape(60000, 10000, (1, 28, 28), 10),
+    "mnist-t10k": DatasetShape(8000, 2000, (1, 28, 28), 10),
+    "fashion-mnist": DatasetShape(60000, 10000, (1, 28, 28), 10),
+    "cifar10": DatasetShape(50000, 10000, (3, 32, 32), 10),
+}
+
+
 OFFLINE_VARIABLE = "ROBUSTMATRIX_OFFLINE"
 """Set to 1 to never download, whatever a matrix or command line says (batch jobs, test suites)."""
 
