@@ -183,7 +183,7 @@ def linear_smoothed(sigma: float) -> tuple[SmoothedClassifier, torch.Tensor]:
     with torch.no_grad():
         base.weight.copy_(torch.stack([-w, w]) / 2)
         base.bias.copy_(torch.tensor([-b, b]) / 2)
-    return SmoothedClassifier(base, sigma, 8, 2), torch.cat([w, torch.tensor([b])])
+    return SmoothedClassifier(base, sigma, 8), torch.cat([w, torch.tensor([b])])
 
 
 def test_smoothing_radius_is_below_the_analytic_radius_and_near_it() -> None:
@@ -193,7 +193,7 @@ def test_smoothing_radius_is_below_the_analytic_radius_and_near_it() -> None:
     x = torch.rand(64, 2) - 0.5
     distance = (x @ plane[:2] + plane[2]) / plane[:2].norm()
     truth = (distance > 0).long()
-    guess, radius = certified_radius(model.base, x, sigma, 100, 20000, 0.001, 2)
+    guess, radius = certified_radius(model.base, x, sigma, 100, 20000, 0.001)
     decided = radius > 0
     assert (guess[decided] == truth[decided]).all()
     assert (radius <= distance.abs() + 1e-6).all()
@@ -203,7 +203,7 @@ def test_smoothing_radius_is_below_the_analytic_radius_and_near_it() -> None:
     # on the boundary itself CERTIFY abstains: not certified
     on_plane = torch.tensor([[0.1, (0.3 + 0.5) / 4]])
     assert abs(float(on_plane @ plane[:2] + plane[2])) < 1e-6
-    assert float(certified_radius(model.base, on_plane, sigma, 100, 2000, 0.001, 2)[1]) < 0
+    assert float(certified_radius(model.base, on_plane, sigma, 100, 2000, 0.001)[1]) < 0
 
 
 def test_smoothing_certifies_only_beyond_eps() -> None:

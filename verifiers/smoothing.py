@@ -42,9 +42,9 @@ class SmoothedClassifier(nn.Module):
     frequencies. The values carry the hard vote; gradients flow through the mean softmax of the
     draws (a straight-through estimate), so EOT attacks have a signal to follow."""
 
-    def __init__(self, base: nn.Module, sigma: float, samples: int, num_classes: int) -> None:
+    def __init__(self, base: nn.Module, sigma: float, samples: int) -> None:
         super().__init__()
-        self.base, self.sigma, self.samples, self.num_classes = base, float(sigma), int(samples), int(num_classes)
+        self.base, self.sigma, self.samples = base, float(sigma), int(samples)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         noisy = x.repeat_interleave(self.samples, 0)
@@ -61,8 +61,11 @@ def clopper_pearson_lower(successes: np.ndarray, n: int, alpha: float) -> np.nda
     return np.where(successes == 0, 0.0, bound)
 
 
-def certified_radius(base: nn.Module, x: torch.Tensor, sigma: float, n0: int, n: int, alpha: float, k: int):
+def certified_radius(
+    base: nn.Module, x: torch.Tensor, sigma: float, n0: int, n: int, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class, certified L2 radius; -1 where CERTIFY abstains) per example."""
+    k = base(x[:1]).shape[1]
     guess = noisy_counts(base, x, sigma, n0, k).argmax(1)
     counts = noisy_counts(base, x, sigma, n, k).gather(1, guess[:, None]).squeeze(1)
     p_lower = clopper_pearson_lower(counts.cpu().numpy(), n, alpha)
@@ -88,5 +91,5 @@ class RandomizedSmoothing(Verifier):
             raise NotCertifiable(f"{type(model).__name__} is not a Gaussian-smoothed classifier")
         if norm != "l2":
             raise NotCertifiable(f"randomized smoothing certifies L2, not {norm}")
-        guess, radius = certified_radius(model.base, x, model.sigma, self.n0, self.n, self.alpha, model.num_classes)
+        guess, radius = certified_radius(model.base, x, model.sigma, self.n0, self.n, self.alpha)
         return (guess == y) & (radius > eps)

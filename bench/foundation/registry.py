@@ -86,9 +86,7 @@ class Registry:
             if any(ch in pattern for ch in "*?["):
                 prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
                 matched = [
-                    i
-                    for i in self.ids(pattern)
-                    if not _opt_in(self._specs[i]) or (prefix and i.startswith(prefix))
+                    i for i in self.ids(pattern) if not _opt_in(self._specs[i]) or (prefix and i.startswith(prefix))
                 ]
                 if not matched:
                     raise RobustMatrixError(f"no {self.kind} matches '{pattern}'; see `robustmatrix list`")
