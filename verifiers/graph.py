@@ -50,7 +50,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as exc:  # noqa: BLE001 - data-dependent control flow, unsupported Python
-        raise NotCertifiable(f"{type(model).__name__} cannot be traced ({type(exc).__name__})") from None
+        raise NotCertifiable(
+            f"{type(model).__name__} cannot be traced ({type(exc).__name__}): a randomized or data-dependent "
+            "forward pass has no bound here"
+        ) from None
     if len(_TRACED) > 16:
         _TRACED.clear()
     _TRACED[id(model)] = (model, graph)
