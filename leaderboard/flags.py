@@ -56,6 +56,7 @@ FLAGS = {
     "clean-near-chance": "clean accuracy is near chance: training failed, robust accuracy means nothing",
     "weaker-than-reference": "the reference evaluation (AutoAttack) broke examples the worst case left robust",
     "certified-but-broken": "an example a verifier certified was broken by an attack: one of the two is wrong",
+    "smoothed-vote-disagrees": "the deployed Monte-Carlo vote was broken where the smoothed classifier is certified",
 }
 """Stable keys (used in the JSON and by the nightly report) and their one-line meaning."""
 
@@ -63,10 +64,14 @@ FLAGS = {
 def certified_but_broken(
     worst: Mapping[tuple[str, float], Mapping[str, Any]],
     certified: Mapping[tuple[str, float], Mapping[str, Masks]],
+    key: str = "certified-but-broken",
 ) -> Flag | None:
     """Per threat model and verifier: the examples it certified that the worst case counts broken
     (an attack's adversarial point inside this ball, or a smaller one of the same norm). A sound
-    verifier and an honest attack can never both be right about one example."""
+    verifier of the deployed model and an honest attack can never both be right about one example
+    (``certified-but-broken``). A smoothing certificate is for the smoothed classifier g; the
+    deployed vote of a few draws approximates it, so there the same evidence is
+    ``smoothed-vote-disagrees``: expected now and then, fewer with more draws per prediction."""
     found = []
     for (norm, eps), by_verifier in sorted(certified.items()):
         masks = worst.get((norm, eps), {}).get("masks", {})
@@ -80,7 +85,7 @@ def certified_but_broken(
     if not found:
         return None
     more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-    return Flag("certified-but-broken", found[0] + more)
+    return Flag(key, found[0] + more)
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,13 @@ def _probe_counts(trainings: list[dict[str, Any]]) -> dict[str, tuple[int, int]]
 
 def certificates(
     verifications: list[Verification], worst: Mapping[tuple[str, float], Mapping[str, Any]]
-) -> tuple[dict[tuple[str, float], dict[str, Any]], dict[tuple[str, float], dict[str, dict[int, np.ndarray]]]]:
+) -> tuple[
+    dict[tuple[str, float], dict[str, Any]], dict[str, dict[tuple[str, float], dict[str, dict[int, np.ndarray]]]]
+]:
     """Per threat model with a worst case and a verifier's run: the certified lower bound (per
     example, certified by *any* verifier that ran — each is sound, so their union is) with its
-    interval and each verifier's own result; and the per-verifier masks by seed, for the flag."""
+    interval and each verifier's own result; and, by what they certify (the model, or a smoothed
+    classifier), the per-verifier masks by seed, for the flags."""
     entries, masks = {}, {}
     by_threat: dict[tuple[str, float], list[Verification]] = {}
     for v in verifications:
@@ -116,7 +119,8 @@ def certificates(
                     "reason": reason,
                 }
             )
-            masks.setdefault(key, {})[verifier] = {v.seed: v.certified for v in done}
+            kind = "smoothed" if any(v.certifies == "smoothed" for v in mine) else "model"
+            masks.setdefault(kind, {}).setdefault(key, {})[verifier] = {v.seed: v.certified for v in done}
         entries[key] = {**Estimate.of(list(union.values())).as_dict(), "verifiers": runs}
     return entries, masks
 
@@ -142,10 +146,12 @@ def _defense_entry(
     )
     mine = [v for v in results.verifications if v.defense_id == defense_id]
     certified, certified_masks = certificates(mine, worst)
-    contradiction = certified_but_broken(worst, certified_masks)
-    if contradiction is not None:
-        order = list(FLAGS)
-        flags = sorted([*flags, contradiction], key=lambda f: order.index(f.key))
+    contradictions = [
+        certified_but_broken(worst, certified_masks.get("model", {})),
+        certified_but_broken(worst, certified_masks.get("smoothed", {}), "smoothed-vote-disagrees"),
+    ]
+    order = list(FLAGS)
+    flags = sorted([*flags, *(c for c in contradictions if c is not None)], key=lambda f: order.index(f.key))
     by_threat = [
         {
             "norm": norm,

@@ -63,6 +63,7 @@ class Verification(NamedTuple):
     error: str | None
     certified: np.ndarray
     wall_time: float
+    certifies: str = "model"
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,7 @@ def _with_verifications(section: Results, rows: list[dict[str, Any]]) -> Results
                 r["error"],
                 certified,
                 float(r["wall_time"]),
+                str(r.get("certifies") or "model"),
             )
         )
     return replace(section, verifications=tuple(found))

@@ -76,6 +76,7 @@ def certified_radius(
 @register_verifier(
     "smoothing-v1",
     norms=("l2",),
+    certifies="smoothed",
     description="randomized smoothing certificate (Cohen et al. 2019): Clopper-Pearson, abstain = not certified",
 )
 class RandomizedSmoothing(Verifier):

@@ -545,6 +545,7 @@ def verification_record(
         n_eval=job.n_eval,
         status=status,
         error=error,
+        certifies=VERIFIERS.get(job.verifier_id).certifies if job.verifier_id in VERIFIERS else "model",
         clean_mask=decode_mask(job.clean_mask, job.n_eval),
         certified_mask=certified,
         wall_time=wall_time,

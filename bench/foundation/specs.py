@@ -358,6 +358,10 @@ class VerifierSpec(_SpecBase):
     id: str
     factory: Callable[..., Any] | str
     norms: tuple[str, ...] = VERIFIER_NORMS
+    certifies: str = "model"
+    """``model``: the deployed model itself (an attack that breaks a certified example contradicts
+    it); ``smoothed``: the smoothed classifier g that a randomized defense's Monte-Carlo vote only
+    approximates, with probability 1 - alpha (a broken vote can disagree with g by chance)."""
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     dataset_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
@@ -370,6 +374,7 @@ class VerifierSpec(_SpecBase):
             raise RobustMatrixError(f"{self.id}: a verifier must certify at least one norm")
         for norm in self.norms:
             check_choice(norm, VERIFIER_NORMS, f"{self.id} norm")
+        check_choice(self.certifies, ("model", "smoothed"), f"{self.id} certifies")
 
     def validate(self, dataset: str | None, kwargs: Mapping[str, Any] | None = None) -> None:
         """Build the verifier from resolved ``kwargs`` (cheap: nothing is verified)."""
@@ -382,6 +387,7 @@ class VerifierSpec(_SpecBase):
             "description": self.description,
             "source": self.source,
             "norms": list(self.norms),
+            "certifies": self.certifies,
             "kwargs": self.resolve_kwargs(dataset),
             "kwargs_from": dataset_table(self.dataset_kwargs, dataset)[1],
             "dataset_kwargs": {k: dict(v) for k, v in self.dataset_kwargs.items()},

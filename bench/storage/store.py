@@ -149,6 +149,7 @@ CREATE TABLE IF NOT EXISTS verifications (
     n_eval INTEGER NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('ok', 'unsupported', 'failed')),
     error TEXT,
+    certifies TEXT NOT NULL CHECK (certifies IN ('model', 'smoothed')),
     clean_mask BLOB NOT NULL,
     certified_mask BLOB,
     certified_accuracy REAL,
@@ -349,6 +350,7 @@ class VerificationRecord:
     n_eval: int
     status: str
     error: str | None
+    certifies: str
     clean_mask: np.ndarray
     certified_mask: np.ndarray | None
     wall_time: float
@@ -360,6 +362,7 @@ class VerificationRecord:
         _require(isinstance(self.verifier_id, str) and bool(ID_PATTERN.match(self.verifier_id)), "verifier id")
         _require(self.norm in ("linf", "l2"), f"a verifier certifies Lp balls, not {self.norm!r}")
         _require(self.status in VERIFICATION_STATUSES, f"status {self.status!r}")
+        _require(self.certifies in ("model", "smoothed"), f"certifies {self.certifies!r}")
         _require(_is_number(self.eps) and self.eps >= 0, f"eps {self.eps!r}")
         _require(_is_number(self.wall_time) and self.wall_time >= 0, "wall time must be a non-negative number")
         _require(len(self.clean_mask) == self.n_eval, "clean mask length differs from n_eval")
@@ -531,13 +534,18 @@ class Store:
         is (its readers do not need the additions)."""
         present = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         digest = "trainings" not in present or "checkpoint_sha256" in self.columns("trainings")
-        if {"failures", "run_cells", "nightly", "verifications"} <= present and digest:
+        certifies = "verifications" not in present or "certifies" in self.columns("verifications")
+        if {"failures", "run_cells", "nightly", "verifications"} <= present and digest and certifies:
             return
         try:
             with self.connection:
                 self.connection.executescript(OPERATIONS_SCHEMA)
                 if not digest:
                     self.connection.execute("ALTER TABLE trainings ADD COLUMN checkpoint_sha256 TEXT")
+                if not certifies:  # a verifications table from before the column
+                    self.connection.execute(
+                        "ALTER TABLE verifications ADD COLUMN certifies TEXT NOT NULL DEFAULT 'model'"
+                    )
         except sqlite3.OperationalError as exc:
             if "readonly" not in str(exc).replace(" ", "").lower():
                 raise RobustMatrixError(f"cannot update the database {self.path}: {exc}") from None
