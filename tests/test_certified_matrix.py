@@ -114,3 +114,22 @@ def test_verifiers_change_no_training_or_cell_key() -> None:
             c.cell_key for c in certified.cell_jobs(b, evaluation, surrogate)
         ]
     assert len(certified.verification_jobs(a, evaluation)) == 2 * (3 + 3)  # two verifiers x Linf and L2 eps
+
+
+def test_a_smoothing_certificate_contradicted_by_the_vote_has_its_own_flag() -> None:
+    from leaderboard.report import certificates
+    from leaderboard.results import Verification
+
+    robust = np.array([True, False, True, False])
+    worst = {("l2", 0.5): {"masks": {0: robust}}}
+    smoothed = Verification(
+        "d-v1", "smoothing-v1", "l2", 0.5, 0, "ok", None, np.array([1, 1, 0, 0], bool), 1.0, "smoothed"
+    )
+    sound = Verification("d-v1", "ibp-v1", "l2", 0.5, 0, "ok", None, np.array([1, 0, 0, 0], bool), 0.1)
+    entries, masks = certificates([smoothed, sound], worst)
+    assert entries[("l2", 0.5)]["value"] == 0.5  # the union: examples 0 and 1
+    from leaderboard.flags import certified_but_broken
+
+    assert certified_but_broken(worst, masks.get("model", {})) is None
+    flag = certified_but_broken(worst, masks["smoothed"], "smoothed-vote-disagrees")
+    assert flag is not None and flag.key == "smoothed-vote-disagrees" and "[1]" in flag.evidence
