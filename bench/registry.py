@@ -10,11 +10,13 @@ from bench.foundation.plugins import PluginFailure, load_builtins, load_plugins
 from bench.foundation.registry import (
     ATTACKS,
     DEFENSES,
+    VERIFIERS,
     Registry,
     closest_ids,
     describe_all,
     register_attack,
     register_defense,
+    register_verifier,
     registry_for,
     unknown_id_message,
 )
@@ -28,6 +30,7 @@ from bench.foundation.specs import (
     ThreatModel,
     TrainedAgainst,
     TrainingThreat,
+    VerifierSpec,
     spec_json,
 )
 
@@ -46,12 +49,15 @@ __all__ = [
     "ThreatModel",
     "TrainedAgainst",
     "TrainingThreat",
+    "VERIFIERS",
+    "VerifierSpec",
     "closest_ids",
     "describe_all",
     "load_builtins",
     "load_plugins",
     "register_attack",
     "register_defense",
+    "register_verifier",
     "registry_for",
     "spec_json",
     "unknown_id_message",

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from bench.foundation.gradients import gradients_vanish, vanished_count
 from leaderboard.metrics import Masks, binomial_tail, mcnemar_one_sided, paired_counts
 
@@ -53,8 +55,37 @@ FLAGS = {
     "undeclared-randomness": "outputs change between identical forward passes, not declared randomized",
     "clean-near-chance": "clean accuracy is near chance: training failed, robust accuracy means nothing",
     "weaker-than-reference": "the reference evaluation (AutoAttack) broke examples the worst case left robust",
+    "certified-but-broken": "an example a verifier certified was broken by an attack: one of the two is wrong",
+    "smoothed-vote-disagrees": "the deployed Monte-Carlo vote was broken where the smoothed classifier is certified",
 }
 """Stable keys (used in the JSON and by the nightly report) and their one-line meaning."""
+
+
+def certified_but_broken(
+    worst: Mapping[tuple[str, float], Mapping[str, Any]],
+    certified: Mapping[tuple[str, float], Mapping[str, Masks]],
+    key: str = "certified-but-broken",
+) -> Flag | None:
+    """Per threat model and verifier: the examples it certified that the worst case counts broken
+    (an attack's adversarial point inside this ball, or a smaller one of the same norm). A sound
+    verifier of the deployed model and an honest attack can never both be right about one example
+    (``certified-but-broken``). A smoothing certificate is for the smoothed classifier g; the
+    deployed vote of a few draws approximates it, so there the same evidence is
+    ``smoothed-vote-disagrees``: expected now and then, fewer with more draws per prediction."""
+    found = []
+    for (norm, eps), by_verifier in sorted(certified.items()):
+        masks = worst.get((norm, eps), {}).get("masks", {})
+        for verifier, per_seed in sorted(by_verifier.items()):
+            ids = {s: np.flatnonzero(m & ~masks[s]).tolist() for s, m in per_seed.items() if s in masks}
+            ids = {s: i for s, i in ids.items() if i}
+            if ids:
+                count = sum(len(i) for i in ids.values())
+                listed = "; ".join(f"seed {s}: {i[:10]}" for s, i in sorted(ids.items()))
+                found.append(f"{verifier} certified {count} examples at {norm} {eps:g} that an attack broke ({listed})")
+    if not found:
+        return None
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return Flag(key, found[0] + more)
 
 
 @dataclass(frozen=True)

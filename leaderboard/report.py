@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from leaderboard.flags import FLAGS, masking_flags
+from leaderboard.flags import FLAGS, certified_but_broken, masking_flags
 from leaderboard.metrics import (
     Estimate,
     add_relative_robustness,
@@ -28,11 +28,13 @@ from leaderboard.metrics import (
     wilson_interval,
     worst_case,
 )
-from leaderboard.results import Cell, Results, load_results
+from leaderboard.results import Cell, Results, Verification, load_results
 
-SCHEMA = "robustmatrix-leaderboard/2"
+SCHEMA = "robustmatrix-leaderboard/3"
 """2: ``worst_case_by_threat[].reference`` (AutoAttack beside the worst case); the strongest attack
-is the one whose removal raises the worst case most."""
+is the one whose removal raises the worst case most. 3: ``worst_case_by_threat[].certified`` (the
+verifiers' lower bound beside the worst case, null where no verifier ran) and ``certified`` (its
+mean over the threat models that have one)."""
 
 
 def decisive_attack(worst: Mapping[tuple[str, float], Mapping[str, Any]]) -> str | None:
@@ -80,6 +82,49 @@ def _probe_counts(trainings: list[dict[str, Any]]) -> dict[str, tuple[int, int]]
     return {loss: (k, m) for loss, (k, m) in totals.items()}
 
 
+def certificates(
+    verifications: list[Verification], worst: Mapping[tuple[str, float], Mapping[str, Any]]
+) -> tuple[
+    dict[tuple[str, float], dict[str, Any]], dict[str, dict[tuple[str, float], dict[str, dict[int, np.ndarray]]]]
+]:
+    """Per threat model with a worst case and a verifier's run: the certified lower bound (per
+    example, certified by *any* verifier that ran — each is sound, so their union is) with its
+    interval and each verifier's own result; and, by what they certify (the model, or a smoothed
+    classifier), the per-verifier masks by seed, for the flags."""
+    entries, masks = {}, {}
+    by_threat: dict[tuple[str, float], list[Verification]] = {}
+    for v in verifications:
+        by_threat.setdefault((v.norm, v.eps), []).append(v)
+    for key, group in sorted(by_threat.items()):
+        if key not in worst:
+            continue
+        seeds = sorted(worst[key]["masks"])
+        ok = [v for v in group if v.status == "ok" and v.seed in seeds]
+        union = {
+            s: np.logical_or.reduce([v.certified for v in ok if v.seed == s] or [np.zeros_like(worst[key]["masks"][s])])
+            for s in seeds
+        }
+        runs = []
+        for verifier in sorted({v.verifier_id for v in group}):
+            mine = [v for v in group if v.verifier_id == verifier]
+            done = [v for v in mine if v.status == "ok"]
+            reason = next((v.error for v in mine if v.status != "ok"), None)
+            status = "ok" if len(done) == len(mine) else next(v.status for v in mine if v.status != "ok")
+            runs.append(
+                {
+                    "verifier": verifier,
+                    "status": status,
+                    "value": Estimate.of([v.certified for v in done]).value if status == "ok" else None,
+                    "wall_time": float(sum(v.wall_time for v in mine)),
+                    "reason": reason,
+                }
+            )
+            kind = "smoothed" if any(v.certifies == "smoothed" for v in mine) else "model"
+            masks.setdefault(kind, {}).setdefault(key, {})[verifier] = {v.seed: v.certified for v in done}
+        entries[key] = {**Estimate.of(list(union.values())).as_dict(), "verifiers": runs}
+    return entries, masks
+
+
 def _defense_entry(
     results: Results, defense_id: str, trainings: list[dict[str, Any]], records: list[Cell]
 ) -> dict[str, Any]:
@@ -99,6 +144,14 @@ def _defense_entry(
         masks=cell_masks(records),
         probe=_probe_counts(trainings),
     )
+    mine = [v for v in results.verifications if v.defense_id == defense_id]
+    certified, certified_masks = certificates(mine, worst)
+    contradictions = [
+        certified_but_broken(worst, certified_masks.get("model", {})),
+        certified_but_broken(worst, certified_masks.get("smoothed", {}), "smoothed-vote-disagrees"),
+    ]
+    order = list(FLAGS)
+    flags = sorted([*flags, *(c for c in contradictions if c is not None)], key=lambda f: order.index(f.key))
     by_threat = [
         {
             "norm": norm,
@@ -108,9 +161,11 @@ def _defense_entry(
             "attacks": entry["attacks"],
             "seen": threat_is_seen(norm, eps, trained_against),
             "reference": entry["reference"],
+            "certified": certified.get((norm, eps)),
         }
         for (norm, eps), entry in sorted(worst.items())
     ]
+    bounds = [t["certified"]["value"] for t in by_threat if t["certified"] is not None]
     return {
         "defense": defense_id,
         "strongest_attack": decisive_attack(worst),
@@ -120,6 +175,7 @@ def _defense_entry(
         "kwargs": dict(first["kwargs"]),
         "clean": clean.as_dict(),
         "worst_case_by_threat": by_threat,
+        "certified": float(np.mean(bounds)) if bounds else None,
         "flags": [{"key": f.key, "title": f.title, "evidence": f.evidence} for f in flags],
         "training": {
             "wall_time": float(np.mean([t["wall_time"] for t in trainings])),
@@ -277,6 +333,7 @@ DEFENSE_KEYS = (
     "clean",
     "worst_case",
     "worst_case_by_threat",
+    "certified",
     "missing_threat_models",
     "strongest_attack",
     *SUMMARY_NUMBERS,
@@ -289,7 +346,9 @@ DEFENSE_KEYS = (
     "cells",
     "failed_attacks",
 )
-BY_THREAT_KEYS = (*THREAT, *ESTIMATE, "strongest_attack", "attacks", "seen", "relative", "reference")
+BY_THREAT_KEYS = (*THREAT, *ESTIMATE, "strongest_attack", "attacks", "seen", "relative", "reference", "certified")
+CERTIFIED_KEYS = (*ESTIMATE, "verifiers")
+VERIFIER_RUN_KEYS = ("verifier", "status", "value", "wall_time", "reason")
 REFERENCE_KEYS = ("attack", *ESTIMATE, "beyond", "beyond_examples")
 CELL_KEYS = (
     "attack",
@@ -500,6 +559,23 @@ def _dataset(data: Any, where: str) -> None:
         raise ReportError(f"{where}: ranked defenses must be sorted by worst case, then clean accuracy")
 
 
+def _certified(value: Any, where: str) -> None:
+    _object(value, CERTIFIED_KEYS, where)
+    _estimate({k: value[k] for k in ESTIMATE}, where)
+    for run in _list(value["verifiers"], f"{where}.verifiers"):
+        _object(run, VERIFIER_RUN_KEYS, f"{where}.verifiers[]")
+        _string(run["verifier"], f"{where}.verifiers[].verifier")
+        if run["status"] not in ("ok", "unsupported", "failed"):
+            raise ReportError(f"{where}.verifiers[].status must be ok, unsupported or failed, got {run['status']!r}")
+        _number(run["value"], f"{where}.verifiers[].value", fraction=True, optional=True)
+        _number(run["wall_time"], f"{where}.verifiers[].wall_time", low=0.0)
+        _string(run["reason"], f"{where}.verifiers[].reason", optional=True)
+        if (run["value"] is None) != (run["status"] != "ok"):
+            raise ReportError(f"{where}.verifiers[]: a value exactly when the verifier ran")
+        if run["value"] is not None and run["value"] > value["value"] + TOLERANCE:
+            raise ReportError(f"{where}: {run['verifier']} certifies more than the union of all verifiers")
+
+
 def _defense(entry: Any, dataset: str, threats: set[tuple[str, float]], pooled: int) -> None:
     _object(entry, DEFENSE_KEYS, f"{dataset}.defenses[]")
     _string(entry["defense"], f"{dataset}.defenses[].defense")
@@ -541,6 +617,8 @@ def _defense(entry: Any, dataset: str, threats: set[tuple[str, float]], pooled: 
             )
             if listed != reference["beyond"]:
                 raise ReportError(f"{here}.reference.beyond must count the examples it lists")
+        if threat["certified"] is not None:
+            _certified(threat["certified"], f"{here}.certified")
         if key in by_threat:
             raise ReportError(f"{here} is listed twice")
         by_threat[key] = threat
@@ -554,6 +632,9 @@ def _defense(entry: Any, dataset: str, threats: set[tuple[str, float]], pooled: 
         )
 
     _number(entry["worst_case"], f"{at}.worst_case", fraction=True, optional=True)
+    bounds = [t["certified"]["value"] for t in by_threat.values() if t["certified"] is not None]
+    _number(entry["certified"], f"{at}.certified", fraction=True, optional=True)
+    _same(entry["certified"], float(np.mean(bounds)) if bounds else None, f"{at}.certified (the mean certified bound)")
     failed_attacks = _list(entry["failed_attacks"], f"{at}.failed_attacks")
     for failed in failed_attacks:
         _threat(failed, f"{at}.failed_attacks[]", (*THREAT, "attack"))

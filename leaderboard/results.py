@@ -19,7 +19,7 @@ import fnmatch
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,6 +50,22 @@ class Cell(NamedTuple):
     backwards: int
 
 
+class Verification(NamedTuple):
+    """One verifier's run on one defense, seed and Lp threat model: per-example ``certified`` (all
+    False unless status is ok), and why not when it could not bound the model."""
+
+    defense_id: str
+    verifier_id: str
+    norm: str
+    eps: float
+    seed: int
+    status: str
+    error: str | None
+    certified: np.ndarray
+    wall_time: float
+    certifies: str = "model"
+
+
 @dataclass(frozen=True)
 class Results:
     dataset: str
@@ -66,6 +82,8 @@ class Results:
     warnings: tuple[str, ...] = field(default=())
     """What a reader must know about this section: other evaluation sizes of the dataset, and which
     defenses are only there."""
+    verifications: tuple[Verification, ...] = field(default=())
+    """The newest certificate per (defense, seed, verifier, norm, eps) of the section's trainings."""
 
     @property
     def defenses(self) -> list[str]:
@@ -129,14 +147,20 @@ def load_results(db_path: str | Path, dataset: str | None = None) -> list[Result
         attacks = _read(connection, "attacks")
         failures = _read(connection, "failures")
         runs = _read(connection, "runs")
-    for table, rows in (("trainings", trainings), ("cells", cells), ("attacks", attacks), ("failures", failures)):
+        verifications = _read(connection, "verifications")
+    named = (("trainings", trainings), ("cells", cells), ("attacks", attacks), ("failures", failures))
+    for table, rows in (*named, ("verifications", verifications)):
         for row in rows:
             problem = names_problem(row)
+            if problem is None and table == "verifications":
+                problem = names_problem({"attack_id": row["verifier_id"]})
+                problem = problem.replace("attack_id", "verifier_id") if problem else None
             if problem is not None:
                 raise RobustMatrixError(f"{db_path}: a row of {table} has a {problem}; refusing to show it")
     declared = _attack_declarations(attacks)
     try:
-        return _sections(trainings, evaluations, cells, declared, failures, runs, dataset)
+        sections = _sections(trainings, evaluations, cells, declared, failures, runs, dataset)
+        return [_with_verifications(section, verifications) for section in sections]
     except RobustMatrixError as exc:  # a mask that does not hold its examples
         raise RobustMatrixError(f"{db_path}: {exc}") from None
 
@@ -249,6 +273,34 @@ def _section(
             )
         )
     return Results(name, n_eval, trainings, ok, failed, broken, warnings)
+
+
+def _with_verifications(section: Results, rows: list[dict[str, Any]]) -> Results:
+    """The section with its trainings' newest certificates (masks decoded, sizes checked)."""
+    keys = {t["training_key"] for t in section.trainings}
+    mine = [r for r in rows if r["training_key"] in keys and int(r["n_eval"]) == section.n_eval]
+    found = []
+    for r in _newest(mine, ["training_key", "verifier_id", "norm", "eps"]):
+        certified = (
+            decode_mask(r["certified_mask"], section.n_eval)
+            if r["status"] == "ok"
+            else np.zeros(section.n_eval, dtype=bool)
+        )
+        found.append(
+            Verification(
+                r["defense_id"],
+                r["verifier_id"],
+                r["norm"],
+                float(r["eps"]),
+                int(r["seed"]),
+                r["status"],
+                r["error"],
+                certified,
+                float(r["wall_time"]),
+                str(r.get("certifies") or "model"),
+            )
+        )
+    return replace(section, verifications=tuple(found))
 
 
 def _selected_attacks(runs: list[dict[str, Any]], dataset: str) -> tuple[str, ...] | None:

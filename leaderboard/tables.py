@@ -139,6 +139,35 @@ def reference_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def bracket_rows(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per defense and threat model with a certificate: [certified, worst case] with both intervals,
+    the gap still unknown, and each verifier's result (or why it could not run) and time."""
+    rows = []
+    for d in data["defenses"]:
+        for t in d["worst_case_by_threat"]:
+            c = t.get("certified")
+            if c is None:
+                continue
+            runs = "; ".join(
+                f"{r['verifier']} {r['value']:.3f} ({r['wall_time']:.1f} s)"
+                if r["status"] == "ok"
+                else f"{r['verifier']}: {r['status']} ({r['reason']})"
+                for r in c["verifiers"]
+            )
+            rows.append(
+                {
+                    "defense": d["defense"],
+                    "threat model": f"{t['norm']} {t['eps']:g}",
+                    "[certified, worst case]": f"[{c['value']:.3f}, {t['value']:.3f}]",
+                    "certified 95% CI": f"{c['low']:.3f}–{c['high']:.3f}",
+                    "worst case 95% CI": f"{t['low']:.3f}–{t['high']:.3f}",
+                    "unknown": round(t["value"] - c["value"], 4),
+                    "verifiers": runs,
+                }
+            )
+    return rows
+
+
 def markdown(data: Mapping[str, Any]) -> str:
     seeds = data["seeds"]
     lines = [
@@ -184,6 +213,18 @@ def markdown(data: Mapping[str, Any]) -> str:
         for d in data["defenses"]
     ]
     lines += [_table(worst, ["defense", *(f"{n} {e:g}" for n, e in threats)]), ""]
+    bracket = bracket_rows(data)
+    if bracket:
+        lines += [
+            "### Certified lower bound beside the worst case",
+            "",
+            "*certified*: the share of evaluation examples some verifier proved robust (no input in the ball ∩ "
+            "[0, 1] changes the prediction); *worst case*: the share no attack broke. The truth lies in between; "
+            "*unknown* is the gap. See docs/certified.md.",
+            "",
+            _table(bracket, list(bracket[0])),
+            "",
+        ]
     checked = reference_rows(data)
     if checked:
         lines += [

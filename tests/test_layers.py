@@ -2,7 +2,8 @@
 inside functions included) must point to its own layer or one below it.
 
     commands → execution → defenses → attacks → foundation
-    leaderboard → storage → foundation;  execution → storage
+    defenses → verifiers → foundation (certified training minimises the verifiers' bounds)
+    leaderboard → storage → foundation;  execution → storage, verifiers
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "foundation": {"foundation"},
     "attacks": {"foundation", "attacks"},
-    "defenses": {"foundation", "attacks", "defenses"},
+    "defenses": {"foundation", "attacks", "verifiers", "defenses"},
     "verifiers": {"foundation", "verifiers"},
     "storage": {"foundation", "storage"},
     "leaderboard": {"foundation", "storage", "leaderboard"},
@@ -94,6 +95,7 @@ def test_every_module_of_ours_has_a_layer() -> None:
     ("where", "planted", "expected"),
     [
         ("attacks/planted.py", "from defenses.base import Defense\n", "attacks imports defenses.base (defenses)"),
+        ("verifiers/planted.py", "from attacks.pgd import PGD\n", "verifiers imports attacks.pgd (attacks)"),
         ("bench/foundation/planted.py", "def f():\n    import bench.storage.store\n", "foundation imports"),
         ("leaderboard/planted.py", "from bench.execution import runner\n", "leaderboard imports bench.execution"),
         (
@@ -104,7 +106,15 @@ def test_every_module_of_ours_has_a_layer() -> None:
     ],
 )
 def test_a_planted_cross_layer_import_is_caught(tmp_path: Path, where: str, planted: str, expected: str) -> None:
-    for package in ("attacks", "defenses", "bench/foundation", "bench/storage", "bench/execution", "leaderboard"):
+    for package in (
+        "attacks",
+        "defenses",
+        "verifiers",
+        "bench/foundation",
+        "bench/storage",
+        "bench/execution",
+        "leaderboard",
+    ):
         (tmp_path / package).mkdir(parents=True, exist_ok=True)
         (tmp_path / package / "__init__.py").write_text("")
     (tmp_path / "bench" / "__init__.py").write_text("")

@@ -50,7 +50,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     listing = sub.add_parser("list", help="registered defenses and attacks with their declared properties")
     listing.add_argument("pattern", nargs="*", default=["*"], help="ids or wildcards (default: all)")
-    listing.add_argument("--kind", choices=["defense", "attack"], help="only defenses or only attacks")
+    listing.add_argument(
+        "--kind", choices=["defense", "attack", "verifier"], help="only defenses, attacks or verifiers (opt-in)"
+    )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.add_argument("--dataset", default="digits", help="show kwargs resolved for this dataset")
 
@@ -211,7 +213,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             continue
         other = [k for k in ("defense", "attack") if k not in kinds and registry_for(k).ids(pattern)]
         if other:
-            article = {"defense": "a", "attack": "an"}
+            article = {"defense": "a", "attack": "an", "verifier": "a"}
             found = f"matches only {other[0]}s" if is_wildcard(pattern) else f"is {article[other[0]]} {other[0]}"
             raise RobustMatrixError(
                 f"'{pattern}' {found}, not {article[args.kind]} {args.kind}; drop --kind {args.kind}"
@@ -230,6 +232,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         if kind == "defense":
             table = [[e["id"], _threats(e["trained_against"]), _nature(e), e["source"], e["description"]] for e in rows]
             headers = ["defense", "trained against", "nature", "source", "description"]
+        elif kind == "verifier":
+            table = [[e["id"], ", ".join(e["norms"]), e["kwargs"] or "–", e["source"], e["description"]] for e in rows]
+            headers = ["verifier", "norms", "kwargs", "source", "description"]
         else:
             table = [
                 [

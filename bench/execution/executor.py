@@ -19,19 +19,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob, VerificationJob
 from bench.execution.workbench import (
     DeviceFault,
     Workbench,
     failed_cell,
+    failed_verification,
     failure_reason,
     is_cuda_error,
     is_out_of_memory,
 )
-from bench.storage.store import CellRecord, EvaluationRecord, TrainingRecord
+from bench.storage.store import CellRecord, EvaluationRecord, TrainingRecord, VerificationRecord
 
-Job = TrainingJob | EvaluationJob | CellJob
-Outcome = TrainingRecord | EvaluationRecord | CellRecord
+Job = TrainingJob | EvaluationJob | CellJob | VerificationJob
+Outcome = TrainingRecord | EvaluationRecord | CellRecord | VerificationRecord
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ def run_job(workbench: Workbench, job: Job) -> Outcome | JobFailure:
     :class:`DeviceFault` instead: the worker is at fault, not the job."""
     if isinstance(job, CellJob):
         return workbench.run_cell(job)
+    if isinstance(job, VerificationJob):
+        return workbench.verify(job)
     try:
         return workbench.train(job) if isinstance(job, TrainingJob) else workbench.evaluate(job)
     except Exception as exc:  # noqa: BLE001 - recorded with its reason; other defenses go on
@@ -73,6 +76,8 @@ def job_key(job: Job) -> str:
     """The key a job's result is stored under."""
     if isinstance(job, CellJob):
         return job.cell_key
+    if isinstance(job, VerificationJob):
+        return job.verification_key
     return job.training_key if isinstance(job, TrainingJob) else job.eval_key
 
 
@@ -84,6 +89,8 @@ def after_faults(job: Job, tries: int, fault: str) -> Outcome | JobFailure:
 def job_failed(job: Job, reason: str) -> Outcome | JobFailure:
     """The outcome of a job that could not run at all (its worker died, its task was lost): a failed
     record for a cell, a JobFailure for a training or evaluation."""
+    if isinstance(job, VerificationJob):
+        return failed_verification(job, reason)
     return failed_cell(job, reason) if isinstance(job, CellJob) else JobFailure(job, reason)
 
 
@@ -139,7 +146,7 @@ class Executor(ABC):
         self.close()
 
 
-PRIORITY = {CellJob: 0, EvaluationJob: 1, TrainingJob: 2}
+PRIORITY = {CellJob: 0, VerificationJob: 0, EvaluationJob: 1, TrainingJob: 2}
 
 
 class LocalExecutor(Executor):

@@ -79,3 +79,28 @@ class CellJob:
     @property
     def label(self) -> str:
         return f"{self.training.defense_id} × {self.attack_id} @ {self.norm} {self.eps:g} (seed {self.training.seed})"
+
+
+@dataclass(frozen=True)
+class VerificationJob:
+    """One verifier on one defense at one Lp threat model, over the clean-correct evaluation examples."""
+
+    verification_key: str
+    training: TrainingJob
+    verifier_id: str
+    verifier_version: str
+    verifier_kwargs: dict[str, Any]
+    norm: str
+    eps: float
+    n_eval: int
+    batch_size: int
+    clean_mask: bytes
+
+    @property
+    def group_key(self) -> str:
+        """The shard group of the defense's cells at this norm: a shard keeps both or neither."""
+        return digest({"training": self.training.training_key, "norm": self.norm})
+
+    @property
+    def label(self) -> str:
+        return f"{self.training.defense_id} ⊢ {self.verifier_id} @ {self.norm} {self.eps:g} (seed {self.training.seed})"

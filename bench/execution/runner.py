@@ -20,7 +20,7 @@ import numpy as np
 
 import bench.foundation.models
 from bench.execution.executor import Executor, JobFailure
-from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob, VerificationJob
 from bench.execution.probes import behaves_non_differentiable, behaves_randomized, behaves_saturated
 from bench.execution.progress import Progress
 from bench.execution.shard import Shard
@@ -31,13 +31,14 @@ from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import RESULTS_VERSION, digest, keyed_versions
 from bench.foundation.kwargs import validate_kwarg_tables
 from bench.foundation.models import architecture_name
-from bench.foundation.registry import ATTACKS, DEFENSES
-from bench.foundation.specs import AttackSpec, DefenseSpec
+from bench.foundation.registry import ATTACKS, DEFENSES, VERIFIERS
+from bench.foundation.specs import AttackSpec, DefenseSpec, VerifierSpec
 from bench.storage.store import (
     CellRecord,
     EvaluationRecord,
     Store,
     TrainingRecord,
+    VerificationRecord,
     checkpoint_dir,
     decode_mask,
     encode_mask,
@@ -179,6 +180,11 @@ class Runner:
         self._check_eps()
         for attack in self.attacks:  # every kwarg value is tried now, not inside a job an hour later
             attack.validate(spec.dataset, self.attack_kwargs[attack.id], self.eps_grid(attack))
+        self.verifiers: list[VerifierSpec] = VERIFIERS.select(list(spec.verifiers)) if spec.verifiers else []  # type: ignore[assignment]
+        self.verifier_kwargs = {v.id: v.resolve_kwargs(spec.dataset) for v in self.verifiers}
+        self.verifier_versions = {v.id: v.code_version() for v in self.verifiers}
+        for verifier in self.verifiers:
+            verifier.validate(spec.dataset, self.verifier_kwargs[verifier.id])
         surrogate = [DEFENSES.get(SURROGATE_DEFENSE)] if any(a.needs_surrogate for a in self.attacks) else []
         self._validated: set[str] = set()
         self.validate_defenses([*self.defenses, *surrogate])  # type: ignore[list-item]
@@ -282,6 +288,42 @@ class Runner:
                 below.append(job.cell_key)
         return jobs
 
+    def verification_jobs(self, training: TrainingJob, evaluation: Mapping[str, Any]) -> list[VerificationJob]:
+        """Each verifier once per Lp threat model of the matrix that it certifies (opt-in: none
+        unless the matrix names ``verifiers``). Keys never enter a cell's key."""
+        jobs = []
+        for verifier in self.verifiers:
+            for norm in verifier.norms:
+                for eps in self.spec.eps.get(norm, ()):
+                    payload = {
+                        "training": training.training_key,
+                        "verifier": verifier.id,
+                        "version": self.verifier_versions[verifier.id],
+                        "kwargs": self.verifier_kwargs[verifier.id],
+                        "norm": norm,
+                        "eps": eps,
+                        "n_eval": self.spec.n_eval,
+                        "batch_size": self.spec.batch_size,
+                        "libraries": self._libraries,
+                        "environment": self.environment,
+                        "harness": RESULTS_VERSION,
+                    }
+                    jobs.append(
+                        VerificationJob(
+                            digest(payload),
+                            training,
+                            verifier.id,
+                            self.verifier_versions[verifier.id],
+                            dict(self.verifier_kwargs[verifier.id]),
+                            norm,
+                            float(eps),
+                            self.spec.n_eval,
+                            self.spec.batch_size,
+                            evaluation["clean_mask"],
+                        )
+                    )
+        return jobs
+
     def _cell_job(
         self,
         training: TrainingJob,
@@ -380,8 +422,12 @@ class Runner:
             described["budget"] = vars(attack.budget(self.attack_kwargs[attack.id]))
             self.store.put_attack(attack.id, self.attack_versions[attack.id], attack.source, described)
 
-    def _handle(self, outcome: TrainingRecord | EvaluationRecord | CellRecord | JobFailure) -> None:
-        if isinstance(outcome, JobFailure):
+    def _handle(
+        self, outcome: TrainingRecord | EvaluationRecord | CellRecord | VerificationRecord | JobFailure
+    ) -> None:
+        if isinstance(outcome, VerificationRecord):
+            self._verification_finished(outcome)
+        elif isinstance(outcome, JobFailure):
             self._job_failed(outcome.job, outcome.error)
         elif isinstance(outcome, TrainingRecord):
             self._training_finished(outcome)
@@ -464,7 +510,35 @@ class Runner:
         return training.training_key in self._ready or training.training_key in self._unusable_trainings
 
     # -------------------------------------------------------------------------------- cells
+    def _plan_verifications(self, training: TrainingJob, evaluation: Mapping[str, Any]) -> None:
+        jobs = self.verification_jobs(training, evaluation)
+        if self._shard is not None:
+            jobs = [j for j in jobs if self._shard.owns(j.group_key)]
+        status = self.store.verification_status([j.verification_key for j in jobs])
+        todo = [j for j in jobs if status.get(j.verification_key) not in ("ok", "unsupported")]
+        todo = [j for j in todo if status.get(j.verification_key) != "failed" or self.retry_failed]
+        self._summary.skipped += len(jobs) - len(todo)
+        self.progress.more_cells(len(todo))
+        for job in todo:
+            self._labels[job.verification_key] = job.label
+            self.executor.submit(job)  # type: ignore[union-attr]
+
+    def _verification_finished(self, record: VerificationRecord) -> None:
+        self.store.put_verification(record)
+        self._summary.computed += 1
+        label = self._labels.pop(record.verification_key, record.verification_key)
+        if record.status == "failed":
+            self._summary.failed.append((label, record.error or "unknown error"))
+            self.progress.cell_done(label, f"FAILED ({record.error})")
+        elif record.status == "unsupported":
+            self.progress.cell_done(label, str(record.error))
+        else:
+            certified = float(np.mean(record.certified_mask)) if record.certified_mask is not None else 0.0
+            self.progress.cell_done(label, f"certified {certified:.3f}")
+
     def _plan_cells(self, training: TrainingJob, evaluation: Mapping[str, Any]) -> None:
+        if self.verifiers:
+            self._plan_verifications(training, evaluation)
         cells = self.cell_jobs(training, evaluation, self._surrogates)
         if self._shard is not None:
             cells = [c for c in cells if self._shard.owns(c.group_key)]

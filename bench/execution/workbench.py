@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from attacks.base import Victim, perturbation_norm, threat_model_violation
-from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob
+from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob, VerificationJob
 from bench.execution.probes import observe
 from bench.execution.timebudget import Budget, TimeBudgetExceeded, time_budget
 from bench.foundation.counting import CountingModel, PassCounter
@@ -34,16 +34,17 @@ from bench.foundation.device import evaluation_precision, prepare_device
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import digest, seed_everything, seed_from, versions
 from bench.foundation.models import architecture_name, build_model
-from bench.foundation.registry import ATTACKS, DEFENSES
+from bench.foundation.registry import ATTACKS, DEFENSES, VERIFIERS
 from bench.storage.store import (
     CellRecord,
     EvaluationRecord,
     TrainingRecord,
+    VerificationRecord,
     decode_mask,
     file_sha256,
     read_checkpoint,
 )
-from defenses.base import Defense, StraightThrough, TrainContext, TrainData
+from defenses.base import Defense, DeployedModel, StraightThrough, TrainContext, TrainData
 
 EpochCallback = Callable[[str, int, int, float], None]
 BatchCallback = Callable[[int, int], None]
@@ -307,6 +308,41 @@ class Workbench:
             batch_size=batch,
         )
 
+    # ------------------------------------------------------------------------ verifications
+    def verify(self, job: VerificationJob) -> VerificationRecord:
+        """Certify the clean-correct evaluation examples, batch by batch. A model the verifier cannot
+        bound is ``unsupported`` with the reason (a numpy or randomized preprocess, an unknown module);
+        an exception is ``failed`` with its reason; the other jobs go on."""
+        start = time.perf_counter()
+        n = job.n_eval
+        clean = decode_mask(job.clean_mask, n)
+        certified = np.zeros(n, dtype=bool)
+        status, error = "ok", None
+        try:
+            loaded = self.load(job.training)
+            model, why = certifiable_model(loaded)
+            verifier = VERIFIERS.get(job.verifier_id).make(job.training.dataset, job.verifier_kwargs)
+            x, y = self.eval_set(n)
+            targets = torch.from_numpy(clean).to(self.device).nonzero().squeeze(1)
+            seed_everything(seed_from(job.verification_key))  # smoothing's noise draws
+            if model is None:
+                status, error = "unsupported", why
+            with evaluation_precision(self.device):
+                for begin in range(0, len(targets) if model is not None else 0, job.batch_size):
+                    index = targets[begin : begin + job.batch_size]
+                    result = verifier(model, x[index], y[index], job.norm, job.eps)
+                    if not result.ran:
+                        status, error = "unsupported", result.status
+                        break
+                    certified[index.cpu().numpy()] = result.certified.cpu().numpy()
+        except Exception as exc:  # noqa: BLE001 - recorded with its reason; other jobs go on
+            if is_cuda_error(exc):
+                raise DeviceFault(failure_reason(exc)) from exc
+            status, error = "failed", failure_reason(exc)
+        return verification_record(
+            job, status, error, certified if status == "ok" else None, time.perf_counter() - start, str(self.device)
+        )
+
     def _victim(self, job: CellJob, counter: PassCounter) -> tuple[Victim, nn.Module]:
         loaded = self.load(job.training)
         approximation = loaded.approximation
@@ -492,6 +528,52 @@ def cell_record(
         device=device,
         versions=recorded,
     )
+
+
+def certifiable_model(loaded: LoadedDefense) -> tuple[nn.Module | None, str | None]:
+    """What a verifier is given: the classifier itself when the defense adds no preprocessing (its
+    deployed model is exactly the classifier), the deployed module when the defense deploys one of its
+    own (a smoothed classifier), and nothing — with the reason — for an input transformation, which
+    this session certifies through no preprocess (a randomized or numpy step has no interval
+    semantics here)."""
+    deployed = loaded.deployed
+    if isinstance(deployed, DeployedModel):
+        if type(loaded.defense).preprocess is Defense.preprocess:
+            return deployed.classifier, None
+        name = type(loaded.defense).__name__
+        return None, f"not certifiable: {name}'s preprocess (an input transformation) has no bound here"
+    return deployed, None
+
+
+def verification_record(
+    job: VerificationJob, status: str, error: str | None, certified: np.ndarray | None, wall_time: float, device: str
+) -> VerificationRecord:
+    return VerificationRecord(
+        verification_key=job.verification_key,
+        training_key=job.training.training_key,
+        dataset=job.training.dataset,
+        defense_id=job.training.defense_id,
+        verifier_id=job.verifier_id,
+        verifier_version=job.verifier_version,
+        verifier_kwargs=job.verifier_kwargs,
+        norm=job.norm,
+        eps=job.eps,
+        seed=job.training.seed,
+        n_eval=job.n_eval,
+        status=status,
+        error=error,
+        certifies=VERIFIERS.get(job.verifier_id).certifies if job.verifier_id in VERIFIERS else "model",
+        clean_mask=decode_mask(job.clean_mask, job.n_eval),
+        certified_mask=certified,
+        wall_time=wall_time,
+        device=device,
+        versions=versions(),
+    )
+
+
+def failed_verification(job: VerificationJob, error: str) -> VerificationRecord:
+    """A failed record for a verification that could not run at all (its worker died)."""
+    return verification_record(job, "failed", error, None, 0.0, "none")
 
 
 def failed_cell(job: CellJob, error: str, wall_time: float = 0.0, device: str = "none") -> CellRecord:

@@ -108,6 +108,9 @@ class MatrixSpec:
     """Seconds a training may run before the driver of a worker pool or Ray kills it (None: no limit)."""
     pretrained: Mapping[str, PretrainedSpec] = field(default_factory=dict)
     """Defenses trained elsewhere, by id: evaluated with the others, never trained."""
+    verifiers: tuple[str, ...] = ()
+    """Verifier ids or wildcards (opt-in): each runs once per defense and Lp threat model it
+    certifies, on the clean-correct evaluation examples (docs/certified.md)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pretrained", MappingProxyType(dict(self.pretrained)))
@@ -122,8 +125,10 @@ class MatrixSpec:
         out["defense_kwargs"] = {k: dict(v) for k, v in self.defense_kwargs.items()}
         out["attack_kwargs"] = {k: dict(v) for k, v in self.attack_kwargs.items()}
         out["pretrained"] = {k: v.to_dict() for k, v in self.pretrained.items()}
-        for key in ("defenses", "attacks", "seeds"):
+        for key in ("defenses", "attacks", "seeds", "verifiers"):
             out[key] = list(out[key])
+        if not out["verifiers"]:  # the recorded config of a matrix without verifiers stays as it was
+            del out["verifiers"]
         return out
 
 
@@ -205,9 +210,9 @@ def spec_from_mapping(
             if not isinstance(value, str):
                 raise _fail(source, "'dataset' must be a string")
             values[key] = value
-        elif key in ("defenses", "attacks"):
+        elif key in ("defenses", "attacks", "verifiers"):
             # An empty list of defenses: only the [pretrained] ones (checked once the matrix is complete).
-            values[key] = _string_list(value, key, source, allow_empty=key == "defenses")
+            values[key] = _string_list(value, key, source, allow_empty=key in ("defenses", "verifiers"))
         elif key == "eps":
             grid = _eps_grid(value, source, allow_empty=merge)
             if merge:

@@ -1,5 +1,6 @@
-"""Loading components: the built-in ``attacks`` and ``defenses`` packages, and third-party ones
-from the entry-point groups ``robustmatrix.attacks`` and ``robustmatrix.defenses``. Nothing is
+"""Loading components: the built-in ``attacks``, ``defenses`` and ``verifiers`` packages, and
+third-party ones from the entry-point groups ``robustmatrix.attacks``, ``robustmatrix.defenses`` and
+``robustmatrix.verifiers``. Nothing is
 loaded on import: the CLI calls :func:`load_builtins` and :func:`load_plugins` explicitly, so a
 broken plugin can only ever fail loudly, by name, at a well-defined moment (Gymnasium dropped
 import-time plugin loading for the same reason)."""
@@ -16,18 +17,22 @@ from typing import Any
 
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.kwargs import one_line
-from bench.foundation.registry import ATTACKS, DEFENSES, Registry, registry_for
-from bench.foundation.specs import AttackSpec, DefenseSpec
+from bench.foundation.registry import ATTACKS, DEFENSES, VERIFIERS, Registry, registry_for
+from bench.foundation.specs import AttackSpec, DefenseSpec, VerifierSpec
 
-PLUGIN_GROUPS = {"defense": "robustmatrix.defenses", "attack": "robustmatrix.attacks"}
+PLUGIN_GROUPS = {
+    "defense": "robustmatrix.defenses",
+    "attack": "robustmatrix.attacks",
+    "verifier": "robustmatrix.verifiers",
+}
 
 
-_BUILTIN_PACKAGES = ("defenses", "attacks")
+_BUILTIN_PACKAGES = ("defenses", "attacks", "verifiers")
 _builtins_loaded = False
 
 
 def load_builtins() -> None:
-    """Import every module of the built-in ``attacks`` and ``defenses`` packages (idempotent)."""
+    """Import every module of the built-in component packages (idempotent)."""
     global _builtins_loaded
     if _builtins_loaded:
         return
@@ -53,7 +58,7 @@ class PluginFailure:
 def _register_loaded(obj: Any, registry: Registry) -> None:
     """An entry point may name a spec, a list of specs, a module (whose import registered its
     specs), or a zero-argument callable returning specs."""
-    if isinstance(obj, (DefenseSpec, AttackSpec)):
+    if isinstance(obj, (DefenseSpec, AttackSpec, VerifierSpec)):
         registry.register(obj)
     elif isinstance(obj, (list, tuple)):
         for item in obj:
@@ -68,11 +73,11 @@ def _register_loaded(obj: Any, registry: Registry) -> None:
         raise RobustMatrixError(f"entry point gave {type(obj).__name__}, not a spec, module or callable")
 
 
-def load_plugins(kinds: tuple[str, ...] = ("defense", "attack")) -> list[PluginFailure]:
+def load_plugins(kinds: tuple[str, ...] = ("defense", "attack", "verifier")) -> list[PluginFailure]:
     """Load third-party components from entry points. Each failure is named and returned; it does
     not stop the other plugins from loading."""
     failures: list[PluginFailure] = []
-    everything = (DEFENSES, ATTACKS)
+    everything = (DEFENSES, ATTACKS, VERIFIERS)
     for kind in kinds:
         registry = registry_for(kind)
         for entry_point in sorted(metadata.entry_points(group=PLUGIN_GROUPS[kind]), key=lambda e: e.name):

@@ -15,7 +15,7 @@ from typing import Any
 from bench.foundation.errors import RobustMatrixError
 from bench.foundation.kwargs import is_wildcard
 from bench.foundation.kwargs import variant as with_variant
-from bench.foundation.specs import AttackSpec, DefenseSpec, Spec
+from bench.foundation.specs import AttackSpec, DefenseSpec, Spec, VerifierSpec
 
 
 class Registry:
@@ -27,7 +27,7 @@ class Registry:
         self._source: str | None = None
 
     def register(self, spec: Spec) -> Spec:
-        expected = DefenseSpec if self.kind == "defense" else AttackSpec
+        expected = {"defense": DefenseSpec, "attack": AttackSpec, "verifier": VerifierSpec}[self.kind]
         if not isinstance(spec, expected):
             raise RobustMatrixError(f"cannot register {spec!r} as a {self.kind}: expected {expected.__name__}")
         if self._source is not None and spec.source == "builtin":
@@ -79,16 +79,14 @@ class Registry:
     def select(self, patterns: list[str]) -> list[Spec]:
         """Resolve ids and wildcards, in order, without duplicates. A literal id must exist; a
         wildcard must match something. A reference evaluation (AutoAttack itself: slow, and an
-        optional package) is opt-in: only a literal id or a wildcard that spells the start of its
-        name (``autoattack-*``) selects it, never ``*``."""
+        optional package) and a defense registered ``opt_in`` are opt-in: only a literal id or a
+        wildcard that spells the start of its name (``autoattack-*``) selects them, never ``*``."""
         chosen: list[str] = []
         for pattern in patterns:
             if any(ch in pattern for ch in "*?["):
                 prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
                 matched = [
-                    i
-                    for i in self.ids(pattern)
-                    if getattr(self._specs[i], "family", None) != "reference" or (prefix and i.startswith(prefix))
+                    i for i in self.ids(pattern) if not _opt_in(self._specs[i]) or (prefix and i.startswith(prefix))
                 ]
                 if not matched:
                     raise RobustMatrixError(f"no {self.kind} matches '{pattern}'; see `robustmatrix list`")
@@ -107,12 +105,18 @@ class Registry:
             self._source = previous
 
 
+def _opt_in(spec: Spec) -> bool:
+    """Never selected by ``*``: a reference evaluation, or a defense registered ``opt_in``."""
+    return getattr(spec, "family", None) == "reference" or bool(getattr(spec, "opt_in", False))
+
+
 DEFENSES = Registry("defense")
 ATTACKS = Registry("attack")
+VERIFIERS = Registry("verifier")
 
 
 def registry_for(kind: str) -> Registry:
-    return {"defense": DEFENSES, "attack": ATTACKS}[kind]
+    return {"defense": DEFENSES, "attack": ATTACKS, "verifier": VERIFIERS}[kind]
 
 
 def closest_ids(name: str, registries: Sequence[Registry] | None = None, n: int = 3) -> list[str]:
@@ -170,6 +174,21 @@ def register_attack(
     return wrap
 
 
+def register_verifier(
+    id: str, *, registry: Registry | None = None, variant: Mapping[str, Any] | None = None, **declared: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Class or function decorator: register the decorated factory as verifier ``id`` (its kwargs
+    read from the constructor's signature), declaring the ``norms`` it certifies."""
+
+    def wrap(factory: Callable[..., Any]) -> Callable[..., Any]:
+        (VERIFIERS if registry is None else registry).register(
+            VerifierSpec(id=id, factory=with_variant(factory, variant), **declared)
+        )
+        return factory
+
+    return wrap
+
+
 def describe_all(dataset: str = "digits") -> list[dict[str, Any]]:
     """Everything registered, as JSON-ready dicts (``robustmatrix list --json``)."""
-    return [spec.describe(dataset) for spec in DEFENSES] + [spec.describe(dataset) for spec in ATTACKS]
+    return [spec.describe(dataset) for registry in (DEFENSES, ATTACKS, VERIFIERS) for spec in registry]

@@ -208,6 +208,10 @@ class DefenseSpec(_SpecBase):
     dataset_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     description: str = ""
     source: str = "builtin"
+    opt_in: bool = False
+    """Selected only by its literal id or a wildcard that spells the start of its name, never by
+    ``*``: a new kind of defense (certified training) joins a matrix that asks for it without
+    changing the default matrix's defenses, cells or cache keys."""
 
     def __post_init__(self) -> None:
         self._validate_common("defense")
@@ -252,6 +256,7 @@ class DefenseSpec(_SpecBase):
             "kind": "defense",
             "description": self.description,
             "source": self.source,
+            "opt_in": self.opt_in,
             **self.nature(),
             "trained_against": [asdict(t) for t in self.threat_models(kwargs)],
             "kwargs": kwargs,
@@ -340,7 +345,56 @@ class AttackSpec(_SpecBase):
         }
 
 
-Spec = DefenseSpec | AttackSpec
+VERIFIER_NORMS = ("linf", "l2")
+"""The threat models a verifier can certify: Lp balls intersected with the [0, 1] box."""
+
+
+@dataclass(frozen=True)
+class VerifierSpec(_SpecBase):
+    """A verifier: proves, per example, that no perturbation in the ball changes the prediction.
+    It is a lower bound beside the attacks' upper bound, so it runs on the same clean-correct
+    examples, once per defense and Lp threat model of ``norms``."""
+
+    id: str
+    factory: Callable[..., Any] | str
+    norms: tuple[str, ...] = VERIFIER_NORMS
+    certifies: str = "model"
+    """``model``: the deployed model itself (an attack that breaks a certified example contradicts
+    it); ``smoothed``: the smoothed classifier g that a randomized defense's Monte-Carlo vote only
+    approximates, with probability 1 - alpha (a broken vote can disagree with g by chance)."""
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    dataset_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    description: str = ""
+    source: str = "builtin"
+
+    def __post_init__(self) -> None:
+        self._validate_common("verifier")
+        object.__setattr__(self, "norms", tuple(self.norms))
+        if not self.norms:
+            raise RobustMatrixError(f"{self.id}: a verifier must certify at least one norm")
+        for norm in self.norms:
+            check_choice(norm, VERIFIER_NORMS, f"{self.id} norm")
+        check_choice(self.certifies, ("model", "smoothed"), f"{self.id} certifies")
+
+    def validate(self, dataset: str | None, kwargs: Mapping[str, Any] | None = None) -> None:
+        """Build the verifier from resolved ``kwargs`` (cheap: nothing is verified)."""
+        self._check_construction(f"verifier {self.id}", dataset, kwargs, {})
+
+    def describe(self, dataset: str = "digits") -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": "verifier",
+            "description": self.description,
+            "source": self.source,
+            "norms": list(self.norms),
+            "certifies": self.certifies,
+            "kwargs": self.resolve_kwargs(dataset),
+            "kwargs_from": dataset_table(self.dataset_kwargs, dataset)[1],
+            "dataset_kwargs": {k: dict(v) for k, v in self.dataset_kwargs.items()},
+        }
+
+
+Spec = DefenseSpec | AttackSpec | VerifierSpec
 
 
 def spec_json(spec: Spec, kwargs: Mapping[str, Any]) -> str:

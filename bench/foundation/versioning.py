@@ -42,7 +42,7 @@ _INFRASTRUCTURE = {
 
 def _module_closure(module: Any) -> list[Any]:
     """The module and every module of its own package or of robustmatrix it uses, transitively."""
-    roots = {"attacks", "defenses", "bench", module.__name__.split(".")[0]}
+    roots = {"attacks", "defenses", "verifiers", "bench", module.__name__.split(".")[0]}
     seen: dict[str, Any] = {}
     stack = [module]
     while stack:

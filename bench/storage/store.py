@@ -135,10 +135,34 @@ CREATE TABLE IF NOT EXISTS nightly (
     run_id INTEGER PRIMARY KEY REFERENCES runs(run_id),
     snapshot TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS verifications (
+    verification_key TEXT PRIMARY KEY,
+    training_key TEXT NOT NULL REFERENCES trainings(training_key),
+    dataset TEXT NOT NULL,
+    defense_id TEXT NOT NULL,
+    verifier_id TEXT NOT NULL,
+    verifier_version TEXT NOT NULL,
+    verifier_kwargs TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    n_eval INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'unsupported', 'failed')),
+    error TEXT,
+    certifies TEXT NOT NULL CHECK (certifies IN ('model', 'smoothed')),
+    clean_mask BLOB NOT NULL,
+    certified_mask BLOB,
+    certified_accuracy REAL,
+    wall_time REAL NOT NULL,
+    device TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
 """
 """Tables added after schema 1 (additive, so older readers ignore them): trainings and evaluations
 that failed (their defense's cells cannot run), the cells each run covered, and each nightly run's
-snapshot for the regression report. Created on open when missing."""
+snapshot for the regression report, and the verifiers' certificates (opt-in, docs/certified.md).
+Created on open when missing."""
 
 
 def now() -> str:
@@ -305,6 +329,53 @@ class CellRecord:
         )
 
 
+VERIFICATION_STATUSES = ("ok", "unsupported", "failed")
+
+
+@dataclass(frozen=True)
+class VerificationRecord:
+    """A verifier's per-example certificates for one defense and Lp threat model. ``unsupported``:
+    the verifier has no sound bound for this model (``error`` says why); nothing is certified."""
+
+    verification_key: str
+    training_key: str
+    dataset: str
+    defense_id: str
+    verifier_id: str
+    verifier_version: str
+    verifier_kwargs: Mapping[str, Any]
+    norm: str
+    eps: float
+    seed: int
+    n_eval: int
+    status: str
+    error: str | None
+    certifies: str
+    clean_mask: np.ndarray
+    certified_mask: np.ndarray | None
+    wall_time: float
+    device: str
+    versions: Mapping[str, str]
+
+    def validate(self) -> None:
+        _require_names(self)
+        _require(isinstance(self.verifier_id, str) and bool(ID_PATTERN.match(self.verifier_id)), "verifier id")
+        _require(self.norm in ("linf", "l2"), f"a verifier certifies Lp balls, not {self.norm!r}")
+        _require(self.status in VERIFICATION_STATUSES, f"status {self.status!r}")
+        _require(self.certifies in ("model", "smoothed"), f"certifies {self.certifies!r}")
+        _require(_is_number(self.eps) and self.eps >= 0, f"eps {self.eps!r}")
+        _require(_is_number(self.wall_time) and self.wall_time >= 0, "wall time must be a non-negative number")
+        _require(len(self.clean_mask) == self.n_eval, "clean mask length differs from n_eval")
+        if self.status != "ok":
+            _require(bool(self.error) and self.certified_mask is None, "an unsupported or failed run needs its reason")
+            return
+        _require(self.certified_mask is not None and len(self.certified_mask) == self.n_eval, "certified mask")
+        _require(
+            not np.any(self.certified_mask & ~self.clean_mask),
+            "an example counted certified although it is misclassified without attack",
+        )
+
+
 def _row(record: Any) -> dict[str, Any]:
     row = {}
     for f in fields(record):
@@ -319,7 +390,7 @@ def _row(record: Any) -> dict[str, Any]:
     return row
 
 
-Record = TrainingRecord | EvaluationRecord | CellRecord
+Record = TrainingRecord | EvaluationRecord | CellRecord | VerificationRecord
 
 
 def record_row(record: Record, created_at: str | None = None) -> dict[str, Any]:
@@ -336,6 +407,9 @@ def record_row(record: Record, created_at: str | None = None) -> dict[str, Any]:
         row["clean_accuracy"] = float(np.mean(record.clean_mask)) if ok else None
         row["robust_accuracy"] = float(np.mean(record.robust_mask)) if ok else None
         row["success_mask"] = encode_mask(success) if success is not None else None
+    elif isinstance(record, VerificationRecord):
+        ok = record.status == "ok" and record.n_eval > 0
+        row["certified_accuracy"] = float(np.mean(record.certified_mask)) if ok else None
     row["created_at"] = created_at or now()
     return row
 
@@ -460,13 +534,18 @@ class Store:
         is (its readers do not need the additions)."""
         present = {r[0] for r in self.connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         digest = "trainings" not in present or "checkpoint_sha256" in self.columns("trainings")
-        if {"failures", "run_cells", "nightly"} <= present and digest:
+        certifies = "verifications" not in present or "certifies" in self.columns("verifications")
+        if {"failures", "run_cells", "nightly", "verifications"} <= present and digest and certifies:
             return
         try:
             with self.connection:
                 self.connection.executescript(OPERATIONS_SCHEMA)
                 if not digest:
                     self.connection.execute("ALTER TABLE trainings ADD COLUMN checkpoint_sha256 TEXT")
+                if not certifies:  # a verifications table from before the column
+                    self.connection.execute(
+                        "ALTER TABLE verifications ADD COLUMN certifies TEXT NOT NULL DEFAULT 'model'"
+                    )
         except sqlite3.OperationalError as exc:
             if "readonly" not in str(exc).replace(" ", "").lower():
                 raise RobustMatrixError(f"cannot update the database {self.path}: {exc}") from None
@@ -544,6 +623,28 @@ class Store:
                 connection.execute("DELETE FROM cells WHERE cell_key = ? AND status = 'failed'", (record.cell_key,))
             cursor = connection.execute(f"INSERT OR IGNORE INTO cells ({columns}) VALUES ({marks})", row)
         return cursor.rowcount == 1
+
+    def put_verification(self, record: VerificationRecord) -> bool:
+        """Write a verification; a failed one is replaced by a later result for the same key."""
+        row = record_row(record)
+        with self._write() as connection:
+            connection.execute(
+                "DELETE FROM verifications WHERE verification_key = ? AND status = 'failed'", (record.verification_key,)
+            )
+            columns, marks = ", ".join(row), ", ".join(f":{c}" for c in row)
+            cursor = connection.execute(f"INSERT OR IGNORE INTO verifications ({columns}) VALUES ({marks})", row)
+        return cursor.rowcount == 1
+
+    def verification_status(self, keys: Sequence[str]) -> dict[str, str]:
+        """Status of those verification keys that are present."""
+        out: dict[str, str] = {}
+        keys = list(keys)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT verification_key, status FROM verifications WHERE verification_key IN ({marks})"
+            out.update({row[0]: row[1] for row in self.connection.execute(query, chunk)})
+        return out
 
     def put_attack(self, attack_id: str, attack_version: str, source: str, spec: Mapping[str, Any]) -> None:
         """Record an attack's declared properties (family, norm, budget, ...) so the leaderboard can
