@@ -239,6 +239,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     for kind in kinds:
         rows = [e for e in entries if e["kind"] == kind]
+        if not rows and any(e["kind"] == "pretrained" for e in entries):
+            continue  # only pretrained models matched: no empty tables above theirs
         if kind == "defense":
             table = [[e["id"], _threats(e["trained_against"]), _nature(e), e["source"], e["description"]] for e in rows]
             headers = ["defense", "trained against", "nature", "source", "description"]
