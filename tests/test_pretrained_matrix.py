@@ -89,6 +89,7 @@ def test_evaluation_only_mnist_needs_only_the_test_files(tmp_path: Path, shared_
     matrix = write_matrix(tmp_path / "m.toml", head + "defenses = []\nn_eval = 10000\n" + body)
     result = _run(tmp_path, matrix)
     assert result.code == 0, result.stderr
+    assert "0 defenses trained, 1 cells computed" in result.stderr  # loaded, not trained
     assert _rows(tmp_path / "r.db", "SELECT n_eval, status FROM cells") == [(10000, "ok")]
     assert _rows(tmp_path / "r.db", "SELECT n_eval FROM evaluations") == [(10000,)]
     too_many = write_matrix(tmp_path / "big.toml", head + "defenses = []\nn_eval = 10001\n" + body)

@@ -407,7 +407,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         git_commit=_git_commit(),
     )
     summary = result.summary
-    if shard is None and (summary.trained or summary.computed or summary.skipped or not summary.failed):
+    if shard is None and (
+        summary.trained or summary.loaded or summary.computed or summary.skipped or not summary.failed
+    ):
         written = _write_leaderboard(db_path, out_dir)
         print(written[0].read_text())
         where = f"leaderboard in {out_dir}/"
@@ -417,7 +419,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         where = f"shard {shard}; merge the shards with `robustmatrix merge ... --into DB`"
     print(
         f"{summary.trained} defenses trained, {summary.computed} cells computed, {summary.skipped} already in "
-        f"{db_path}; {where}",
+        f"{db_path}{f' ({summary.loaded} pretrained models loaded)' if summary.loaded else ''}; {where}",
         file=sys.stderr,
     )
     if summary.failed:

@@ -52,6 +52,8 @@ WILDCARD = set("*?[")
 @dataclass
 class RunSummary:
     trained: int = 0
+    loaded: int = 0
+    """Models trained elsewhere, verified and loaded (not trained)."""
     evaluated: int = 0
     computed: int = 0
     skipped: int = 0
@@ -457,7 +459,10 @@ class Runner:
             return
         self.store.put_training(record)
         self.store.clear_failure(job.training_key)
-        self._summary.trained += 1
+        if is_pretrained(DEFENSES.get(job.defense_id)):
+            self._summary.loaded += 1
+        else:
+            self._summary.trained += 1
         self._trained(job)
 
     def _trained(self, job: TrainingJob) -> None:
