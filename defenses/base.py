@@ -72,9 +72,6 @@ class Defense:
 
     spec: Any = None
     kwargs: dict[str, Any]
-    needs_training_data: bool = True
-    """False for a model trained elsewhere: its ``fit`` only loads and checks weights, on a few test
-    images, so a matrix of such models runs where only the test files are at hand."""
 
     def build_model(self, model: nn.Module) -> nn.Module:
         """Wrap or replace the benchmark architecture (default: use it as is)."""

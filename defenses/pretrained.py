@@ -176,6 +176,8 @@ class Pretrained(Defense):
     and its code, normalisation, trained-against eps)."""
 
     needs_training_data = False
+    """Its ``fit`` only loads and checks weights, on a few test images: a matrix of such models runs
+    where only the test files are at hand (the workbench reads this)."""
 
     def __init__(self, declaration: PretrainedSpec, **keyed: Any) -> None:
         self.declaration = declaration

@@ -193,7 +193,9 @@ class Workbench:
         seed_everything(seed_from(job.training_key))
         model = self._fresh_model(defense)
         data = self.data
-        if defense.needs_training_data:
+        # Declared by a model trained elsewhere (defenses/pretrained.py); not on Defense itself,
+        # whose source is in every defense's code version (a new attribute there would retrain all).
+        if getattr(defense, "needs_training_data", True):
             x, y = data.x_train, data.y_train
         else:  # a model trained elsewhere is only loaded and checked, on a few test images
             x, y = data.x_test[:16], data.y_test[:16]
