@@ -166,7 +166,7 @@ def check_outputs(model: nn.Module, x: torch.Tensor, num_classes: int, declarati
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise _fail(declaration, f"outputs {shape} for {len(x)} images, expected ({len(x)}, {num_classes}) logits")
     if not bool(torch.isfinite(out).all()):
-        raise _fail(declaration, "outputs NaN/inf on clean training images")
+        raise _fail(declaration, "outputs NaN/inf on clean test images")
     if bool(((out >= 0) & (out <= 1)).all()) and bool(torch.allclose(out.sum(1), torch.ones(len(x)), atol=1e-3)):
         raise _fail(declaration, "outputs probabilities (rows in [0, 1] summing to 1), not logits; remove the softmax")
 
@@ -174,6 +174,10 @@ def check_outputs(model: nn.Module, x: torch.Tensor, num_classes: int, declarati
 class Pretrained(Defense):
     """Weights trained elsewhere; the kwargs exist only to key the checkpoint (digest, architecture
     and its code, normalisation, trained-against eps)."""
+
+    needs_training_data = False
+    """Its ``fit`` only loads and checks weights, on a few test images: a matrix of such models runs
+    where only the test files are at hand (the workbench reads this)."""
 
     def __init__(self, declaration: PretrainedSpec, **keyed: Any) -> None:
         self.declaration = declaration
@@ -225,7 +229,8 @@ def pretrained_spec(declaration: PretrainedSpec) -> DefenseSpec:
         saturates_softmax=declaration.saturates_softmax,
         kwargs=kwargs,
         description=declaration.description or f"pretrained {declaration.architecture}",
-        source=f"pretrained sha256:{declaration.sha256[:12]}",
+        source=f"pretrained sha256:{declaration.sha256[:12]}"
+        + (f" from {declaration.distribution}" if declaration.distribution else ""),
     )
 
 

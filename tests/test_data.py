@@ -60,10 +60,20 @@ def test_shared_mnist_test_set_loads_and_splits(shared_mnist_dir):
 
 
 def test_mnist_missing_training_files_is_a_clear_error_without_download(shared_mnist_dir, tmp_path):
+    """Only the t10k files: the official 10,000 test images load; the training split is an error
+    only when it is used (a model trained elsewhere is evaluated without it)."""
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         shutil.copy(shared_mnist_dir / name, tmp_path / name)
+    data = load_dataset("mnist", tmp_path, download=False)
+    assert data.x_test.shape == (10000, 1, 28, 28) and data.image_shape == (1, 28, 28)
+    assert not data.has_train()
     with pytest.raises(RobustMatrixError, match=r"train-images-idx3-ubyte.gz is missing from .* put the file there"):
-        load_dataset("mnist", tmp_path, download=False)
+        data.x_train  # noqa: B018
+    assert len(data.eval_indices(10000)) == 10000
+    with pytest.raises(RobustMatrixError, match="n_eval = 10001 but mnist has only 10000 test examples"):
+        data.eval_indices(10001)
+    # Its fingerprint is of the test split alone, and says so: never a full dataset's.
+    assert data.fingerprint() != load_dataset("mnist-t10k", tmp_path, download=False).fingerprint()
 
 
 def test_a_corrupted_file_fails_its_checksum(shared_mnist_dir, tmp_path):
@@ -147,7 +157,7 @@ def test_a_download_that_fails_midway_leaves_no_part_file(tmp_path, monkeypatch)
 def test_a_download_beyond_the_published_size_is_aborted(tmp_path, monkeypatch):
     from bench.foundation.data import FASHION_FILES
 
-    size = FASHION_FILES["train-images"].size
+    size = FASHION_FILES["test-images"].size  # the first file read (the training files only when used)
     stream = _Stream(size + (1 << 20))
     monkeypatch.setattr("urllib.request.urlopen", lambda *args, **kwargs: stream)
     with pytest.raises(RobustMatrixError, match=rf"more than {size} bytes, the file's published size; aborted"):

@@ -10,6 +10,7 @@ line naming where it happened and exits 3; ROBUSTMATRIX_DEBUG=1 re-raises it wit
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import signal
@@ -55,6 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.add_argument("--dataset", default="digits", help="show kwargs resolved for this dataset")
+    listing.add_argument("--config", type=Path, help="also list this matrix's [pretrained] models")
 
     run = sub.add_parser("run", help="run the missing cells of the matrix, then write the leaderboard")
     run.add_argument("--config", type=Path, help="matrix spec (TOML); default: the built-in matrix")
@@ -116,8 +118,18 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_execution_arguments(nightly)
 
     check = sub.add_parser("check", help="sanity-check a defense or attack (e.g. a plugin) before it enters the matrix")
-    check.add_argument("id", help="a registered defense or attack id")
-    check.add_argument("--dataset", default="digits", help="dataset to check on (default: digits)")
+    check.add_argument("id", help="a registered defense or attack id, or a pretrained model's")
+    check.add_argument("--config", type=Path, help="matrix spec declaring the [pretrained] model to check")
+    check.add_argument(
+        "--dataset",
+        help="dataset to check on (default: the matrix's or the model's for a pretrained model, else digits)",
+    )
+    check.add_argument(
+        "--n-eval",
+        type=int,
+        help="a pretrained model's clean accuracy on this many evaluation examples (default: the matrix's "
+        "n_eval with --config, else the whole test split)",
+    )
     check.add_argument("--device", default=_default_device(), help=DEVICE_HELP)
     check.add_argument("--seed", type=int, default=0)
     check.add_argument("--data-dir", help="where dataset files are (and are downloaded to)")
@@ -194,6 +206,25 @@ def _load_components() -> None:
         print(f"robustmatrix: error: {failure.message()}", file=sys.stderr)
 
 
+def _with_plugin_models(spec):  # noqa: ANN001, ANN202 - MatrixSpec, imported lazily
+    """The matrix with the plugins' models its ``defenses`` select (see ``with_models``)."""
+    from bench.foundation.config import with_models
+    from bench.foundation.plugins import PRETRAINED_MODELS
+
+    return with_models(spec, PRETRAINED_MODELS)
+
+
+def _declared_models(config: Path | None) -> dict:
+    """Pretrained models by id: the plugins', then the matrix file's (which win)."""
+    from bench.foundation.config import load_spec
+    from bench.foundation.plugins import PRETRAINED_MODELS
+
+    models = dict(PRETRAINED_MODELS)
+    if config is not None:
+        models.update(load_spec(config).pretrained)
+    return models
+
+
 def _check_dataset(name: str) -> None:
     from bench.foundation.data import DATASETS
 
@@ -208,8 +239,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     _check_dataset(args.dataset)
     kinds = [args.kind] if args.kind else ["defense", "attack"]
     registries = [registry_for(kind) for kind in kinds]
+    models = _declared_models(args.config) if "defense" in kinds else {}
     for pattern in args.pattern:
-        if any(registry.ids(pattern) for registry in registries):
+        if any(registry.ids(pattern) for registry in registries) or fnmatch.filter(models, pattern):
             continue
         other = [k for k in ("defense", "attack") if k not in kinds and registry_for(k).ids(pattern)]
         if other:
@@ -221,7 +253,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         raise RobustMatrixError(unknown_id_message(pattern))
     entries = []
     for registry in registries:
-        entries += [registry.get(i).describe(args.dataset) for i in registry.ids(args.pattern)]
+        entries += [registry.get(i).describe(args.dataset) for i in registry.ids(args.pattern) if i not in models]
+    chosen = sorted({name for pattern in args.pattern for name in fnmatch.filter(models, pattern)})
+    entries += [_describe_model(models[name], args.config) for name in chosen]
     if args.json:
         print(json.dumps(entries, indent=2, sort_keys=True))
         return EXIT_OK
@@ -229,6 +263,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     for kind in kinds:
         rows = [e for e in entries if e["kind"] == kind]
+        if not rows and any(e["kind"] == "pretrained" for e in entries):
+            continue  # only pretrained models matched: no empty tables above theirs
         if kind == "defense":
             table = [[e["id"], _threats(e["trained_against"]), _nature(e), e["source"], e["description"]] for e in rows]
             headers = ["defense", "trained against", "nature", "source", "description"]
@@ -251,7 +287,38 @@ def _cmd_list(args: argparse.Namespace) -> int:
             ]
             headers = ["attack", "family", "norm", "applies to", "budget", "budget from", "source", "description"]
         print(tabulate(table, headers=headers, tablefmt="simple") + "\n")
+    pretrained = [e for e in entries if e["kind"] == "pretrained"]
+    if pretrained:
+        table = [
+            [
+                e["id"],
+                e["dataset"],
+                e["architecture"],
+                e["sha256"][:12],
+                _threats(e["trained_against"]),
+                e["declared_in"],
+            ]
+            for e in pretrained
+        ]
+        headers = ["pretrained model", "dataset", "architecture", "sha256", "trained against", "declared in"]
+        print(tabulate(table, headers=headers, tablefmt="simple") + "\n")
     return EXIT_OK
+
+
+def _describe_model(model, config: Path | None) -> dict:  # noqa: ANN001 - a PretrainedSpec
+    """A pretrained model as ``list`` shows it: where it is declared, its digest and architecture."""
+    return {
+        "kind": "pretrained",
+        "id": model.id,
+        "dataset": model.dataset,
+        "architecture": model.architecture,
+        "sha256": model.sha256,
+        "weights": model.weights,
+        "trained_against": [{"norm": n, "eps": e, "attack": a} for n, e, a in model.trained_against],
+        "clean_accuracy": model.clean_accuracy,
+        "declared_in": model.distribution or str(config),
+        "source": model.source,
+    }
 
 
 def _threats(threats: list[dict]) -> str:
@@ -351,6 +418,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_folder(out_dir, "--out")
     if args.defense and args.config is None:
         spec = _matrix_of_last_run(db_path) or spec
+    spec = _with_plugin_models(spec)
     shard = Shard.parse(args.shard) if args.shard else None
     options = _execution_options(args)
     result = run_matrix(
@@ -366,7 +434,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         git_commit=_git_commit(),
     )
     summary = result.summary
-    if shard is None and (summary.trained or summary.computed or summary.skipped or not summary.failed):
+    if shard is None and (
+        summary.trained or summary.loaded or summary.computed or summary.skipped or not summary.failed
+    ):
         written = _write_leaderboard(db_path, out_dir)
         print(written[0].read_text())
         where = f"leaderboard in {out_dir}/"
@@ -376,7 +446,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         where = f"shard {shard}; merge the shards with `robustmatrix merge ... --into DB`"
     print(
         f"{summary.trained} defenses trained, {summary.computed} cells computed, {summary.skipped} already in "
-        f"{db_path}; {where}",
+        f"{db_path}{f' ({summary.loaded} pretrained models loaded)' if summary.loaded else ''}; {where}",
         file=sys.stderr,
     )
     if summary.failed:
@@ -437,7 +507,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
 
     if not args.max_slowdown > 1:
         raise RobustMatrixError(f"--max-slowdown must be greater than 1, got {args.max_slowdown}")
-    spec = load_spec(args.config, quick=args.quick, preset_name=args.preset)
+    spec = _with_plugin_models(load_spec(args.config, quick=args.quick, preset_name=args.preset))
     _check_database_path(args.db)
     _check_folder(args.out, "--out")
     require_previous(args.db, args.baseline)
@@ -473,21 +543,41 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from bench.foundation.device import resolve_device
     from bench.foundation.registry import ATTACKS, DEFENSES, unknown_id_message
 
-    if args.id in DEFENSES:
+    models = _declared_models(args.config)
+    matrix = None
+    if args.config is not None:
+        from bench.foundation.config import load_spec
+
+        matrix = load_spec(args.config)
+    if args.id in models:
+        from bench.commands.check_pretrained import check_pretrained
+
+        model = models[args.id]
+        spec = None
+        dataset = args.dataset or (matrix.dataset if matrix else model.dataset)
+        n_eval = args.n_eval or (matrix.n_eval if matrix else None)
+        label = f"{model.id} (pretrained sha256:{model.sha256[:12]}, {model.distribution or args.config})"
+    elif args.id in DEFENSES:
         spec, check = DEFENSES.get(args.id), check_defense
     elif args.id in ATTACKS:
         spec, check = ATTACKS.get(args.id), check_attack
     else:
-        raise RobustMatrixError(unknown_id_message(args.id))
-    _check_dataset(args.dataset)
+        declared = f" (pretrained models declared: {', '.join(sorted(models))})" if models else ""
+        raise RobustMatrixError(unknown_id_message(args.id) + declared)
+    if spec is not None:
+        dataset, label = args.dataset or "digits", f"{spec.id} ({spec.source})"
+    _check_dataset(dataset)
     device = resolve_device(args.device)
-    data = load_dataset(args.dataset, args.data_dir)
-    findings = check(spec, data, device, args.seed)
+    data_dir = args.data_dir or (matrix.data_dir if matrix else None)
+    data = load_dataset(dataset, data_dir, matrix.download if matrix else True)
+    findings = (
+        check(spec, data, device, args.seed) if spec is not None else check_pretrained(model, data, device, n_eval)
+    )
     failed = [f for f in findings if f.status == FAIL]
     if args.json:
         print(json.dumps([vars(f) for f in findings], indent=2))
     else:
-        print(f"robustmatrix check {spec.id} ({spec.source}) on {args.dataset}:")
+        print(f"robustmatrix check {label} on {dataset}:")
         print(tabulate([[f.status.upper(), f.check, f.evidence] for f in findings], tablefmt="plain"))
         warnings = sum(f.status == "warn" for f in findings)
         verdict = "FAILED" if failed else "passed"

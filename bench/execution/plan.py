@@ -206,6 +206,10 @@ class DeclaredData:
     def fingerprint(self) -> str:
         return "data-not-loaded"
 
+    def has_train(self) -> bool:
+        """Planned as declared: with its training split (a run without one says so when it starts)."""
+        return True
+
     def eval_indices(self, n: int) -> torch.Tensor:
         if n > self.shape.test:
             raise RobustMatrixError(f"n_eval = {n} but {self.name} has only {self.shape.test} test examples")

@@ -31,7 +31,7 @@ from bench.foundation.errors import RobustMatrixError
 from bench.foundation.keys import RESULTS_VERSION, digest, keyed_versions
 from bench.foundation.kwargs import validate_kwarg_tables
 from bench.foundation.models import architecture_name
-from bench.foundation.registry import ATTACKS, DEFENSES, VERIFIERS
+from bench.foundation.registry import ATTACKS, DEFENSES, VERIFIERS, unknown_id_message
 from bench.foundation.specs import AttackSpec, DefenseSpec, VerifierSpec
 from bench.storage.store import (
     CellRecord,
@@ -53,6 +53,8 @@ WILDCARD = set("*?[")
 @dataclass
 class RunSummary:
     trained: int = 0
+    loaded: int = 0
+    """Models trained elsewhere, verified and loaded (not trained)."""
     evaluated: int = 0
     computed: int = 0
     skipped: int = 0
@@ -66,6 +68,11 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+
+def is_pretrained(defense: DefenseSpec) -> bool:
+    """A model trained elsewhere (``[pretrained]`` or a plugin's): loaded, never trained."""
+    return defense.source.startswith("pretrained")
 
 
 def applies(attack: AttackSpec, nature: Mapping[str, Any], observed: Mapping[str, Any]) -> bool:
@@ -162,6 +169,8 @@ class Runner:
         self.retry_failed = retry_failed
         self._models_version = digest(inspect.getsource(bench.foundation.models))
         self._libraries = keyed_versions()
+        self.notes: list[str] = []
+        """Warnings about the matrix as run (attacks left out), printed once and kept for the summary."""
         self.environment: dict[str, Any] = {"device": "cpu", "threads": 1}
         """Where the jobs run, as far as it changes results (keyed): the device type, and on the CPU the
         torch threads per job (their reduction order differs). Set by whoever attaches the executor."""
@@ -171,6 +180,18 @@ class Runner:
         selected = DEFENSES.select(list(spec.defenses)) if spec.defenses else []
         self.defenses: list[DefenseSpec] = [*selected, *(p for p in pretrained if p not in selected)]  # type: ignore[list-item]
         self.attacks: list[AttackSpec] = ATTACKS.select(list(spec.attacks))  # type: ignore[assignment]
+        self.surrogate_id = self._choose_surrogate()
+        if self.surrogate_id is None:
+            self._leave_out_transfer()
+        trains = [d for d in self.defenses if not is_pretrained(d)]
+        if self.surrogate_id is not None and not is_pretrained(DEFENSES.get(self.surrogate_id)):
+            trains.append(DEFENSES.get(self.surrogate_id))  # type: ignore[arg-type]
+        if trains and not dataset.has_train():
+            try:
+                dataset.x_train  # noqa: B018 - raises the reason: a missing or corrupted training file
+            except RobustMatrixError as exc:
+                names = ", ".join(d.id for d in trains[:3]) + (", ..." if len(trains) > 3 else "")
+                raise RobustMatrixError(f"{exc} (the training split is needed to train {names})") from None
         validate_kwarg_tables(spec.defense_kwargs, DEFENSES, self.defenses)
         validate_kwarg_tables(spec.attack_kwargs, ATTACKS, self.attacks)
         self.attack_kwargs = {
@@ -185,9 +206,36 @@ class Runner:
         self.verifier_versions = {v.id: v.code_version() for v in self.verifiers}
         for verifier in self.verifiers:
             verifier.validate(spec.dataset, self.verifier_kwargs[verifier.id])
-        surrogate = [DEFENSES.get(SURROGATE_DEFENSE)] if any(a.needs_surrogate for a in self.attacks) else []
+        surrogate = [DEFENSES.get(self.surrogate_id)] if self.surrogate_id is not None else []
         self._validated: set[str] = set()
         self.validate_defenses([*self.defenses, *surrogate])  # type: ignore[list-item]
+
+    def _choose_surrogate(self) -> str | None:
+        """The transfer attacks' surrogate: the matrix's ``surrogate``, else ``standard-v1`` where the
+        matrix trains anything; None when no attack needs one, or when nothing is trained and the
+        matrix names none (a matrix of pretrained models trains nothing, a surrogate included)."""
+        if not any(a.needs_surrogate for a in self.attacks):
+            return None
+        if self.spec.surrogate is not None:
+            if self.spec.surrogate not in DEFENSES:
+                raise RobustMatrixError(f"surrogate: {unknown_id_message(self.spec.surrogate)}")
+            return self.spec.surrogate
+        if all(is_pretrained(d) for d in self.defenses):
+            return None
+        return SURROGATE_DEFENSE
+
+    def _leave_out_transfer(self) -> None:
+        """No surrogate: the attacks that need one are left out, visibly (never a silent hole)."""
+        dropped = [a.id for a in self.attacks if a.needs_surrogate]
+        if not dropped:
+            return
+        self.attacks = [a for a in self.attacks if not a.needs_surrogate]
+        self.notes.append(
+            f"{', '.join(dropped)} left out: this matrix trains nothing, so there is no {SURROGATE_DEFENSE} "
+            'surrogate to craft on; name one with surrogate = "ID" (a [pretrained] model of the matrix, or '
+            f'"{SURROGATE_DEFENSE}" to train it)'
+        )
+        print(f"robustmatrix: warning: {self.notes[-1]}", file=sys.stderr)
 
     def validate_defenses(self, defenses: list[DefenseSpec]) -> None:
         """Build each defense with its resolved kwargs (no training): a bad value fails up front."""
@@ -386,16 +434,16 @@ class Runner:
         if self.executor is None:
             raise RuntimeError("Runner.run needs an executor")
         self.store = store
-        self._summary = RunSummary()
+        self._summary = RunSummary(notes=list(self.notes))
         self._shard = shard
         self._record_attacks()
         chosen = DEFENSES.select(only_defenses) if only_defenses else self.defenses
         self.validate_defenses(chosen)  # type: ignore[arg-type]
         trainings = [self.training_job(d, seed) for seed in self.spec.seeds for d in chosen]
         self._surrogates: dict[int, TrainingJob] = {}
-        if any(a.needs_surrogate for a in self.attacks):
-            standard = DEFENSES.get(SURROGATE_DEFENSE)
-            self._surrogates = {seed: self.training_job(standard, seed) for seed in self.spec.seeds}  # type: ignore[arg-type]
+        if self.surrogate_id is not None:
+            surrogate = DEFENSES.get(self.surrogate_id)
+            self._surrogates = {seed: self.training_job(surrogate, seed) for seed in self.spec.seeds}  # type: ignore[arg-type]
         self._defense_keys = {job.training_key for job in trainings}
         self._in_flight: dict[str, TrainingJob | EvaluationJob] = {}
         self._labels: dict[str, str] = {}
@@ -461,7 +509,10 @@ class Runner:
             return
         self.store.put_training(record)
         self.store.clear_failure(job.training_key)
-        self._summary.trained += 1
+        if is_pretrained(DEFENSES.get(job.defense_id)):
+            self._summary.loaded += 1
+        else:
+            self._summary.trained += 1
         self._trained(job)
 
     def _trained(self, job: TrainingJob) -> None:
@@ -559,7 +610,7 @@ class Runner:
             self._labels[cell.cell_key] = cell.label
             unusable = self._unusable_trainings.get(cell.surrogate.training_key) if cell.surrogate else None
             if unusable is not None:
-                self._cell_finished(failed_cell(cell, f"its surrogate {SURROGATE_DEFENSE} is unusable: {unusable}"))
+                self._cell_finished(failed_cell(cell, f"its surrogate {self.surrogate_id} is unusable: {unusable}"))
             elif cell.members is not None:
                 pending = {k for k in cell.members if k in todo_keys and k not in self._summary.computed_keys}
                 self._waiting_cascades[cell.cell_key] = (cell, pending)

@@ -199,7 +199,13 @@ class Workbench:
         seed_everything(seed_from(job.training_key))
         model = self._fresh_model(defense)
         data = self.data
-        train_data = TrainData(data.x_train.to(self.device), data.y_train.to(self.device), data.num_classes, data.name)
+        # Declared by a model trained elsewhere (defenses/pretrained.py); not on Defense itself,
+        # whose source is in every defense's code version (a new attribute there would retrain all).
+        if getattr(defense, "needs_training_data", True):
+            x, y = data.x_train, data.y_train
+        else:  # a model trained elsewhere is only loaded and checked, on a few test images
+            x, y = data.x_test[:16], data.y_test[:16]
+        train_data = TrainData(x.to(self.device), y.to(self.device), data.num_classes, data.name)
         counter = PassCounter()
         epochs_done = [0]  # as the defense reports them: a distilled student's count includes its teacher's
 

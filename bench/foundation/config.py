@@ -15,7 +15,7 @@ import math
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -70,6 +70,8 @@ class PretrainedSpec:
     """Paper or URL the weights come from."""
     base_dir: str = ""
     """Folder of the matrix file: where a "module:callable" architecture is imported from."""
+    distribution: str = ""
+    """The plugin distribution that ships the model (``name==version``); empty for a matrix's own."""
 
     def to_dict(self) -> dict[str, Any]:
         """The declaration as a ``[pretrained."ID"]`` table reads (for the run's recorded config)."""
@@ -81,6 +83,8 @@ class PretrainedSpec:
 
 
 _PRETRAINED_KEYS = tuple(f.name for f in fields(PretrainedSpec) if f.name != "id")
+_INTERNAL_KEYS = ("base_dir", "distribution")
+"""Recorded with a run's config so it reads back the same; not for a user's table."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,11 @@ class MatrixSpec:
     verifiers: tuple[str, ...] = ()
     """Verifier ids or wildcards (opt-in): each runs once per defense and Lp threat model it
     certifies, on the clean-correct evaluation examples (docs/certified.md)."""
+    surrogate: str | None = None
+    """The defense whose model transfer attacks craft their examples on. None: ``standard-v1``,
+    trained per seed, where the matrix trains anything; in a matrix of only pretrained defenses
+    (which trains nothing) the transfer attacks are then left out, with a warning. A pretrained id
+    declared in the matrix makes it a model trained elsewhere."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pretrained", MappingProxyType(dict(self.pretrained)))
@@ -252,6 +261,9 @@ def spec_from_mapping(
                 raise _fail(
                     source, f"'training_precision' must be one of {', '.join(TRAINING_PRECISIONS)}, got {value!r}"
                 )
+        elif key == "surrogate":
+            if not isinstance(value, str) or not value:
+                raise _fail(source, "'surrogate' must be a defense id, like \"standard-v1\" or a [pretrained] id")
             values[key] = value
         elif key == "pretrained":
             if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
@@ -272,6 +284,30 @@ def spec_from_mapping(
     return spec
 
 
+def declare_pretrained(name: str, table: Mapping[str, Any], folder: str | Path) -> PretrainedSpec:
+    """A ``[pretrained."ID"]`` table as a plugin declares it, checked exactly as in a matrix file;
+    ``weights`` (and a "module:callable" architecture) are read from ``folder`` — a plugin passes
+    its package's folder, ``Path(__file__).parent``."""
+    return _pretrained(name, table, f"pretrained model {name}", Path(folder))
+
+
+def with_models(spec: MatrixSpec, models: Mapping[str, PretrainedSpec]) -> MatrixSpec:
+    """``spec`` with the models (plugins' declarations) its ``defenses`` select by id or wildcard
+    and its dataset can evaluate; a model the matrix declares itself keeps its own table."""
+    import fnmatch
+
+    chosen = {
+        name: model
+        for name, model in models.items()
+        if name not in spec.pretrained
+        and dataset_family(model.dataset) == dataset_family(spec.dataset)
+        and any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.defenses)
+    }
+    if not chosen:
+        return spec
+    return replace(spec, pretrained={**spec.pretrained, **chosen})
+
+
 def _pretrained(name: str, raw: Mapping[str, Any], source: str, folder: Path) -> PretrainedSpec:
     """One ``[pretrained."ID"]`` table, every field checked (one line naming the model)."""
     from bench.foundation.specs import ID_PATTERN, NORMS
@@ -283,7 +319,8 @@ def _pretrained(name: str, raw: Mapping[str, Any], source: str, folder: Path) ->
         raise bad("its id must look like 'name-v1' (lower case, digits, '.', '-', ending in -vN)")
     unknown = sorted(set(raw) - set(_PRETRAINED_KEYS))
     if unknown:
-        raise bad(f"unknown key '{unknown[0]}' (known: {', '.join(k for k in _PRETRAINED_KEYS if k != 'base_dir')})")
+        known = ", ".join(k for k in _PRETRAINED_KEYS if k not in _INTERNAL_KEYS)
+        raise bad(f"unknown key '{unknown[0]}' (known: {known})")
     for key in ("dataset", "architecture", "weights", "sha256"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise bad(f"'{key}' is required (a non-empty string)")
@@ -320,7 +357,7 @@ def _pretrained(name: str, raw: Mapping[str, Any], source: str, folder: Path) ->
         if not isinstance(flags[key], bool):
             raise bad(f"'{key}' must be true or false")
     texts = {}
-    for key in ("bpda_approximation", "description", "source"):
+    for key in ("bpda_approximation", "description", "source", "distribution"):
         texts[key] = raw.get(key)
         if texts[key] is not None and not isinstance(texts[key], str):
             raise bad(f"'{key}' must be a string")
@@ -345,6 +382,7 @@ def _pretrained(name: str, raw: Mapping[str, Any], source: str, folder: Path) ->
         description=texts["description"] or "",
         source=texts["source"] or "",
         base_dir=str(base.resolve()),
+        distribution=texts["distribution"] or "",
         **flags,
     )
 

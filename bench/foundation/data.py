@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import IO
 
@@ -34,25 +35,58 @@ MAX_DOWNLOAD_BYTES = 256 << 20
 not fill the disk."""
 
 
+TrainSplit = Callable[[], "tuple[torch.Tensor, torch.Tensor]"]
+"""Reads the training split when it is first needed (MNIST's training files are not needed to
+evaluate a model trained elsewhere)."""
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """A classification dataset with a fixed train/test split; images NCHW float32 in [0, 1]."""
+    """A classification dataset with a fixed train/test split; images NCHW float32 in [0, 1].
+
+    ``train`` is the training split's (images, labels), or a callable reading them on first use:
+    evaluating a pretrained model needs only the test files, and a missing training file is an
+    error only for whoever trains."""
 
     name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
+    train: tuple[torch.Tensor, torch.Tensor] | TrainSplit
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
 
+    @cached_property
+    def _train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.train() if callable(self.train) else self.train
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        return self._train[0]
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self._train[1]
+
+    def has_train(self) -> bool:
+        """Whether the training split can be read (its files present and verified)."""
+        try:
+            self._train  # noqa: B018 - reads it
+        except RobustMatrixError:
+            return False
+        return True
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+        return tuple(self.x_test.shape[1:])  # type: ignore[return-value]
 
     def fingerprint(self) -> str:
-        """Digest of the exact tensors, so a cached checkpoint is never reused on different data."""
+        """Digest of the exact tensors, so a cached checkpoint is never reused on different data.
+        Without a readable training split (only MNIST's t10k files at hand), of the test split alone
+        and marked so: such a key is never that of a run that had the training files."""
         digest = hashlib.sha256(self.name.encode())
-        for tensor in (self.x_train, self.y_train, self.x_test, self.y_test):
+        tensors = (self.x_train, self.y_train) if self.has_train() else ()
+        if not tensors:
+            digest.update(b"test split only")
+        for tensor in (*tensors, self.x_test, self.y_test):
             digest.update(tensor.contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
@@ -92,9 +126,8 @@ def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
 
 def _split_dataset(name: str, x: np.ndarray, y: np.ndarray, test_fraction: float, classes: int) -> Dataset:
     train, test = stratified_split(y, test_fraction, seed=0)
-    x_train, y_train = _to_tensors(x[train], y[train])
     x_test, y_test = _to_tensors(x[test], y[test])
-    return Dataset(name, x_train, y_train, x_test, y_test, classes)
+    return Dataset(name, _to_tensors(x[train], y[train]), x_test, y_test, classes)
 
 
 def load_digits_dataset(data_dir: Path | None = None, download: bool = True) -> Dataset:
@@ -322,11 +355,17 @@ def _load_idx_pair(
 def _idx_dataset(name: str, files: dict[str, RemoteFile], mirrors: tuple[str, ...]) -> Callable[..., Dataset]:
     def load(data_dir: Path | None = None, download: bool = True) -> Dataset:
         directory = Path(data_dir) if data_dir else default_data_dir(name)
-        x_train, y_train = _load_idx_pair(name, files, mirrors, directory, "train", download)
         x_test, y_test = _load_idx_pair(name, files, mirrors, directory, "test", download)
-        return Dataset(name, *_to_tensors(x_train, y_train), *_to_tensors(x_test, y_test), 10)
 
-    load.__doc__ = f"{name}: the official 60,000/10,000 split from the four IDX files."
+        def train() -> tuple[torch.Tensor, torch.Tensor]:
+            return _to_tensors(*_load_idx_pair(name, files, mirrors, directory, "train", download))
+
+        return Dataset(name, train, *_to_tensors(x_test, y_test), 10)
+
+    load.__doc__ = (
+        f"{name}: the official 60,000/10,000 split from the four IDX files; the training files are read "
+        "(and downloaded) only when the training split is first used."
+    )
     return load
 
 
@@ -359,7 +398,7 @@ def load_cifar10(data_dir: Path | None = None, download: bool = True) -> Dataset
     x_train = np.concatenate([x for x, _ in train]) / np.float32(255.0)
     y_train = np.concatenate([y for _, y in train])
     x_test, y_test = arrays["test_batch"]
-    return Dataset("cifar10", *_to_tensors(x_train, y_train), *_to_tensors(x_test / np.float32(255.0), y_test), 10)
+    return Dataset("cifar10", _to_tensors(x_train, y_train), *_to_tensors(x_test / np.float32(255.0), y_test), 10)
 
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
