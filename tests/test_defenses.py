@@ -60,6 +60,11 @@ _PASSES = {
     "random-resize-pad-v1": lambda steps: (1, 1),
     "art-jpeg-v1": lambda steps: (1, 1),
     "art-spatial-smoothing-v1": lambda steps: (1, 1),
+    # Gaussian-noise training: one noisy copy per example
+    "smoothing-l2-v1": lambda steps: (1, 1),
+    # IBP training: the clean pass, plus the bound's centre and radius passes once eps ramps up
+    # (a one-epoch run ramps within its only epoch)
+    "ibp-linf-v1": lambda steps: (3, 1),
 }
 
 
@@ -214,7 +219,8 @@ def test_list_json_shows_every_defense_with_trained_against_and_nature():
     assert entries["random-resize-pad-v1"]["randomized"] is True
     for masked in ("bit-depth-v1", "art-jpeg-v1", "art-spatial-smoothing-v1"):
         assert entries[masked]["differentiable"] is False and entries[masked]["bpda_approximation"] == "identity"
-    honest = [d for d in ALL_DEFENSES if d not in ("distillation-v1", "random-resize-pad-v1")]
+    assert entries["smoothing-l2-v1"]["randomized"] is True  # a Monte-Carlo vote
+    honest = [d for d in ALL_DEFENSES if d not in ("distillation-v1", "random-resize-pad-v1", "smoothing-l2-v1")]
     for defense_id in honest:
         assert entries[defense_id]["randomized"] is False and entries[defense_id]["saturates_softmax"] is False
 
