@@ -261,6 +261,7 @@ def spec_from_mapping(
                 raise _fail(
                     source, f"'training_precision' must be one of {', '.join(TRAINING_PRECISIONS)}, got {value!r}"
                 )
+            values[key] = value
         elif key == "surrogate":
             if not isinstance(value, str) or not value:
                 raise _fail(source, "'surrogate' must be a defense id, like \"standard-v1\" or a [pretrained] id")
