@@ -122,46 +122,40 @@ def _load_pretrained(entry_point: metadata.EntryPoint, source: str) -> None:
         PRETRAINED_MODELS[model.id] = replace(model, distribution=source)
 
 
-def load_plugins(kinds: tuple[str, ...] = ("defense", "attack", "verifier", "pretrained")) -> list[PluginFailure]:
-    """Load third-party components from entry points. Each failure is named and returned; it does
-    not stop the other plugins from loading."""
-    failures: list[PluginFailure] = []
+def _load_components(entry_point: metadata.EntryPoint, source: str, registry: Any) -> None:
+    """Register what an entry point gives. Its module may register components of any kind on
+    import: each is attributed to ``source`` and, if loading fails, every registry is rolled back."""
     everything = (DEFENSES, ATTACKS, VERIFIERS)
+    before = {r.kind: set(r.ids()) for r in everything}
+    try:
+        with ExitStack() as attribution:
+            for each in everything:
+                attribution.enter_context(each.attributed_to(source))
+            _register_loaded(entry_point.load(), registry)
+    except BaseException:
+        for each in everything:
+            for new_id in set(each.ids()) - before[each.kind]:
+                each.unregister(new_id)
+        raise
+
+
+def load_plugins(kinds: tuple[str, ...] = ("defense", "attack", "verifier", "pretrained")) -> list[PluginFailure]:
+    """Load third-party components (and shipped models) from entry points. Each failure is named and
+    returned; it does not stop the other plugins from loading."""
+    failures: list[PluginFailure] = []
     for kind in kinds:
-        if kind == "pretrained":
-            for entry_point in sorted(metadata.entry_points(group=PLUGIN_GROUPS[kind]), key=lambda e: e.name):
-                dist = entry_point.dist
-                source = f"{dist.name}=={dist.version}" if dist is not None else f"entry point {entry_point.name}"
-                try:
-                    _load_pretrained(entry_point, source)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - named and skipped, like the other kinds
-                    error = (
-                        f"it called sys.exit({exc.code!r}) while loading"
-                        if isinstance(exc, SystemExit)
-                        else one_line(exc)
-                    )
-                    failures.append(PluginFailure(kind, entry_point.name, source, error))
-            continue
-        registry = registry_for(kind)
+        registry = None if kind == "pretrained" else registry_for(kind)
         for entry_point in sorted(metadata.entry_points(group=PLUGIN_GROUPS[kind]), key=lambda e: e.name):
             dist = entry_point.dist
             source = f"{dist.name}=={dist.version}" if dist is not None else f"entry point {entry_point.name}"
-            # A plugin's module may register components of either kind on import: attribute and,
-            # if it fails, roll back both registries.
-            before = {r.kind: set(r.ids()) for r in everything}
             try:
-                with ExitStack() as attribution:
-                    for each in everything:
-                        attribution.enter_context(each.attributed_to(source))
-                    _register_loaded(entry_point.load(), registry)
+                if registry is None:
+                    _load_pretrained(entry_point, source)
+                else:
+                    _load_components(entry_point, source, registry)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # noqa: BLE001 - even sys.exit() in a plugin is reported, not obeyed
-                for each in everything:
-                    for new_id in set(each.ids()) - before[each.kind]:
-                        each.unregister(new_id)
                 if isinstance(exc, SystemExit):
                     error = f"it called sys.exit({exc.code!r}) while loading"
                 else:
