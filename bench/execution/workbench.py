@@ -28,6 +28,7 @@ from attacks.base import Victim, perturbation_norm, threat_model_violation
 from bench.execution.jobs import CellJob, EvaluationJob, TrainingJob, VerificationJob
 from bench.execution.probes import observe
 from bench.execution.timebudget import Budget, TimeBudgetExceeded, time_budget
+from bench.foundation.allocator import keep_freed_memory
 from bench.foundation.counting import CountingModel, PassCounter
 from bench.foundation.data import Dataset, load_dataset
 from bench.foundation.device import evaluation_precision, prepare_device
@@ -108,6 +109,7 @@ class Workbench:
         self.dataset_name = dataset
         self.device = device
         prepare_device(device)
+        keep_freed_memory()
         self.checkpoint_dir = Path(checkpoint_dir)
         self.data_dir = data_dir
         self.download = download
