@@ -7,7 +7,7 @@ defense at this norm and eps left robust (their cells' masks). It then escalates
    BPDA for a non-differentiable one, logit losses for a saturated softmax), supplied by the runner,
    raised to the cascade's ``grade`` (more steps than their own cells ran);
 2. ``stages``: APGD-CE 100 steps and APGD-T 100 steps over 9 target classes (AutoAttack's budgets,
-   Croce & Hein 2020), with two retries on the survivors closest to the boundary, on every defense;
+   Croce & Hein 2020), with four retries on the survivors closest to the boundary, on every defense;
 3. ``black_box_stages``: Square at AutoAttack's 5,000 queries, on a randomized or non-differentiable
    defense (its gradients cannot be trusted).
 
@@ -44,17 +44,19 @@ match AutoAttack's budgets exactly (docs/components.md shows the TOML)."""
 DEFAULT_STAGES = {
     norm: [
         [f"apgd-ce-{norm}-v1", {"steps": 100}],
-        [f"apgd-t-{norm}-v1", {"steps": 100, "targets": 9, "retries": 2, "retry_fraction": 0.2}],
+        [f"apgd-t-{norm}-v1", {"steps": 100, "targets": 9, "retries": 4, "retry_fraction": 0.2}],
     ]
     for norm in ("linf", "l2")
 }
 """The escalation on every defense: AutoAttack's white-box stages at its budgets (APGD-T capped at
-the wrong classes), APGD-T then retrying twice, from new random starts, on the fifth of its
+the wrong classes), APGD-T then retrying four times, from new random starts, on the fifth of its
 survivors it came closest to breaking: the examples AutoAttack breaks and one APGD-T run misses lie
-on the boundary and fall to one start in a few (docs/autoattack.md), for a twentieth of the stage's
-cost. FAB-T runs as the matrix's own cell (9 targets) on every example, so its breaks
-are in the cascade's prior; re-running it at 100 steps broke nothing more where measured
-(docs/components.md gives the numbers)."""
+on the boundary and fall to one start in a few (docs/autoattack.md). Measured on the default
+matrix's fgsm-at-linf-v1 at Linf 0.2, the cell whose example AutoAttack alone broke with two
+retries: two retries (on 20, 30 or 100% of the survivors) or three (on 30 or 50%) miss it, four on
+the closest 20% break it, for 3% more passes than two. FAB-T runs as the matrix's own cell (9
+targets) on every example, so its breaks are in the cascade's prior; re-running it at 100 steps broke
+nothing more where measured (docs/components.md gives the numbers)."""
 DEFAULT_STAGES["l1"] = [["pgd-l1-v1", {"steps": 100, "restarts": 2}]]
 """L1 has no APGD or Square here: PGD with many steps and restarts stands in."""
 
