@@ -113,10 +113,20 @@ def write_csv(datasets: list[Mapping[str, Any]], path: Path) -> None:
     frame.to_csv(path, index=False, lineterminator="\n")
 
 
+def markdown_cell(value: Any) -> Any:
+    """``value`` fit for one cell of a Markdown table: a text's backslashes and ``|`` escaped and its
+    line breaks made spaces, so a plugin's free-text source or an error message cannot split or end
+    the table (GitHub splits a row at every ``|`` that no backslash escapes)."""
+    if not isinstance(value, str):
+        return value
+    return " ".join(value.replace("\\", "\\\\").replace("|", "\\|").splitlines())
+
+
 def _table(rows: list[Mapping[str, Any]], columns: list[str]) -> str:
     """A GitHub Markdown table; missing values print as "–"."""
-    body = [[row.get(column) for column in columns] for row in rows]
-    return tabulate(body, headers=columns, tablefmt="github", floatfmt=".3f", missingval="–")
+    body = [[markdown_cell(row.get(column)) for column in columns] for row in rows]
+    headers = [markdown_cell(column) for column in columns]
+    return tabulate(body, headers=headers, tablefmt="github", floatfmt=".3f", missingval="–")
 
 
 REFERENCE_COLUMNS = ["defense", "threat model", "reference", "AutoAttack", "worst case", "only AutoAttack"]

@@ -4,6 +4,7 @@ unseen, competitive ratio, every masking flag with its evidence, ranking, and th
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import sqlite3
@@ -857,3 +858,26 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_plain_text(tmp_path):
         "d4-v1": "plain==1.0",
     }
     assert float(rows[0]["pgd-linf-v1 linf 0.2"]) == 0.5, "numbers stay numbers"
+
+
+def test_markdown_tables_keep_their_columns_whatever_a_source_says(tmp_path):
+    sources = ["a | b", "line one\nline two", "x\\|y"]
+    defenses = [FakeDefense(f"d{i}-v1", {("pgd-linf-v1", 0.2): 0.5}, source=source) for i, source in enumerate(sources)]
+    db = write_database(tmp_path / "r.db", defenses)
+    write_leaderboard(db, tmp_path / "out")
+    text = (tmp_path / "out" / "leaderboard.md").read_text()
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("|") and "source" in line)
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[header:]))
+    assert len(table) == 2 + len(sources), "one line per defense: no line break escaped the cell"
+    assert {_delimiters(line) for line in table} == {_delimiters(table[0])}
+    assert "a \\| b" in text and "line one line two" in text
+
+
+def _delimiters(row: str) -> int:
+    """How many cell delimiters GitHub's table parser sees in a row: a backslash escapes the next character."""
+    count, escaped = 0, False
+    for char in row:
+        count += char == "|" and not escaped
+        escaped = char == "\\" and not escaped
+    return count
